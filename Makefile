@@ -1,0 +1,45 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONFIG ?= config.yaml
+
+.PHONY: run test install install-dev lint mypy format check clean
+
+$(VENV)/bin/activate:
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(VENV)/bin/xray-watcher run --config $(CONFIG)
+
+test: install-dev
+	$(VENV)/bin/pytest
+
+lint: install-dev
+	$(VENV)/bin/ruff check watcher tests
+	$(VENV)/bin/ruff format --check watcher tests
+
+mypy: install-dev
+	$(VENV)/bin/mypy watcher
+
+format: install-dev
+	$(VENV)/bin/ruff format watcher tests
+	$(VENV)/bin/ruff check --fix watcher tests
+
+check: install
+	$(VENV)/bin/xray-watcher check --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,5 @@
+"""``python -m watcher`` is ``xray-watcher``."""
+
+from watcher.cli import main
+
+raise SystemExit(main())

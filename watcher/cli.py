@@ -1,0 +1,247 @@
+"""Command line: ``xray-watcher run|predict|evaluate|train|models|check``.
+
+Exit codes: 0 success, 1 a runtime failure (no usable model, store or results file),
+2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+import structlog
+
+from watcher import __version__, model_store
+from watcher.config import Config, load_config
+from watcher.errors import ConfigError, WatcherError
+from watcher.logs import configure_logging
+
+log = structlog.get_logger()
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xray-watcher", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"xray-watcher {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+
+    run = sub.add_parser("run", help="watch the inbox and process files until SIGTERM/SIGINT")
+    with_config(run)
+    run.add_argument("--once", action="store_true", help="process what is in the inbox now, then exit")
+
+    pred = sub.add_parser("predict", help="print CSV rows for image files (nothing is moved)")
+    with_config(pred)
+    pred.add_argument("--store", type=Path, help="model store (default: from the config)")
+    pred.add_argument("--model-version", help="a published version (default: current)")
+    pred.add_argument("files", nargs="+", type=Path)
+
+    ev = sub.add_parser("evaluate", help="metrics of a model on a folder with NORMAL/ and PNEUMONIA/")
+    with_config(ev)
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--store", type=Path, help="model store (default: from the config)")
+    ev.add_argument("--model-version", help="a published version (default: current)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--report", type=Path, help="also write metrics.json and plots to this folder")
+
+    tr = sub.add_parser("train", help="train a model on a labelled folder and publish it")
+    tr.add_argument("--data", type=Path, required=True, help="folder with NORMAL/ and PNEUMONIA/")
+    tr.add_argument("--store", type=Path, default=Path("model_store"))
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--arch", help="architecture (default: the recommended one; 'seed' for the seed CNN)")
+    tr.add_argument("--seed", type=int, default=1337)
+    tr.add_argument("--promote", action="store_true", help="make the new version current whatever it scores")
+
+    models = sub.add_parser("models", help="list, promote or roll back model versions")
+    models.add_argument("--store", type=Path, help="model store (default: from the config)")
+    with_config(models)
+    msub = models.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="versions with their key validation metrics")
+    promote = msub.add_parser("promote", help="make VERSION current")
+    promote.add_argument("version")
+    msub.add_parser("rollback", help="go back to the version promoted before the current one")
+
+    chk = sub.add_parser("check", help="check the config and the current model; exit 0 or 1")
+    with_config(chk)
+    return p
+
+
+def _store_from(args: argparse.Namespace) -> Path:
+    if getattr(args, "store", None):
+        return Path(args.store)
+    return load_config(args.config).model_store
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from watcher.service import Service
+
+    service = Service(cfg)
+    service.install_signal_handlers()
+    return service.run(once=args.once)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from watcher.inference import Predictor
+    from watcher.service import Item, load_item
+
+    predictor = Predictor(_store_from(args), args.model_version)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(
+        ["file", "sha256", "status", "label", "probability", "threshold", "model_version", "error"]
+    )
+    failed = 0
+    for path in args.files:
+        item = load_item(
+            Item(rel=PurePosixPath(str(path)), path=path),
+            predictor.spec,
+            max_pixels=100_000_000,
+            max_bytes=512 << 20,
+        )
+        if item.error or item.model_input is None:
+            failed += 1
+            writer.writerow(
+                [
+                    str(path),
+                    item.sha256,
+                    "failed",
+                    "",
+                    "",
+                    f"{predictor.threshold:.6f}",
+                    predictor.version,
+                    item.error,
+                ]
+            )
+            continue
+        (pred,) = predictor.predict([item.model_input])
+        writer.writerow(
+            [
+                str(path),
+                item.sha256,
+                "ok",
+                pred.label,
+                f"{pred.probability:.6f}",
+                f"{predictor.threshold:.6f}",
+                predictor.version,
+                "",
+            ]
+        )
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from watcher.evaluation import evaluate_folder, format_report
+    from watcher.inference import Predictor
+
+    predictor = Predictor(_store_from(args), args.model_version)
+    metrics = evaluate_folder(predictor, args.data, report_dir=args.report)
+    if args.json:
+        print(json.dumps(metrics, indent=2, default=float))
+    else:
+        print(format_report(metrics))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from watcher.train import TrainOptions, train
+
+    kwargs = {
+        "data": args.data,
+        "store": args.store,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "promote": args.promote,
+    }
+    if args.arch:
+        kwargs["arch"] = args.arch
+    version = train(TrainOptions(**kwargs))
+    print(version)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    store = _store_from(args)
+    if args.action == "promote":
+        model_store.set_current(store, args.version, reason="promoted by hand")
+        print(args.version)
+        return 0
+    if args.action == "rollback":
+        print(model_store.rollback(store))
+        return 0
+    try:
+        current = model_store.current_version(store)
+    except WatcherError:
+        current = ""
+    print(
+        f"{'':2}{'version':8} {'arch':10} {'created':20} {'val_auc':>8} {'val_acc':>8} {'sens':>6} "
+        f"{'spec':>6} {'thresh':>7}"
+    )
+    for version in model_store.list_versions(store):
+        try:
+            meta = model_store.read_metadata(store, version)
+        except WatcherError as exc:
+            print(f"  {version:8} unreadable: {exc}")
+            continue
+        val = meta.get("validation", {}) or {}
+
+        def fmt(key: str, val: dict[str, object] = val) -> str:
+            v = val.get(key)
+            return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+        mark = "* " if version == current else "  "
+        print(
+            f"{mark}{version:8} {meta.get('architecture', '?')!s:10} {str(meta.get('created_at', ''))[:19]:20} "
+            f"{fmt('roc_auc'):>8} {fmt('accuracy'):>8} {fmt('sensitivity'):>6} {fmt('specificity'):>6} "
+            f"{float(meta.get('threshold', 0)):>7.3f}"
+        )
+    return 0
+
+
+def cmd_check(cfg: Config) -> int:
+    from watcher.inference import Predictor
+
+    predictor = Predictor(cfg.model_store)
+    log.info("check_ok", config=str(cfg.source), model_version=predictor.version, inbox=str(cfg.inbox))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xray-watcher`` console script."""
+    args = _parser().parse_args(argv)
+    cfg: Config | None = None
+    try:
+        if args.command in ("run", "check"):
+            cfg = load_config(args.config)
+            configure_logging(cfg.log.level, cfg.log.format)
+        else:
+            configure_logging("info", "auto", stream=sys.stderr)
+        if args.command == "run":
+            assert cfg is not None
+            return cmd_run(args, cfg)
+        if args.command == "check":
+            assert cfg is not None
+            return cmd_check(cfg)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "models":
+            return cmd_models(args)
+    except ConfigError as exc:
+        print(f"xray-watcher: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except WatcherError as exc:
+        log.error("fatal_error", error=str(exc), error_type=type(exc).__name__)
+        print(f"xray-watcher: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")

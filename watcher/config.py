@@ -1,0 +1,217 @@
+"""Typed configuration: ``load_config(path) -> Config``.
+
+The YAML file maps onto nested frozen dataclasses. Unknown keys, wrong types and missing
+folders raise one ``ConfigError`` naming the file and the dotted key. Relative paths are
+resolved against the folder holding the config file, so the service behaves the same
+whatever its working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from watcher.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How files are grouped for the model."""
+
+    max_size: int = 16
+    max_wait_ms: int = 500
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How the inbox is watched."""
+
+    observer: Literal["native", "polling"] = "native"
+    settle_ms: int = 1000
+    poll_interval_ms: int = 1000
+    rescan_interval_s: float = 60.0
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Limits and parallelism of image decoding."""
+
+    workers: int = 2
+    max_pixels: int = 100_000_000
+    max_file_mb: int = 512
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Log level and format (auto: console on a TTY, JSON otherwise)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole service configuration; every path is absolute."""
+
+    inbox: Path
+    processed: Path
+    failed: Path
+    results: Path
+    model_store: Path
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    instance_id: str = ""
+    model_poll_s: float = 10.0
+    source: Path | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        """This instance's claim folder inside the inbox (hidden, so never scanned)."""
+        return self.inbox / ".xray-watcher" / self.instance_id
+
+
+_FOLDER_KEYS = ("inbox", "processed", "failed", "model_store")
+_POSITIVE_KEYS = {
+    "batch.max_size",
+    "batch.max_wait_ms",
+    "ingest.poll_interval_ms",
+    "ingest.rescan_interval_s",
+    "decode.workers",
+    "decode.max_pixels",
+    "decode.max_file_mb",
+    "model_poll_s",
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if tp is Path:
+        return "a path (string)"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: Path) -> Any:
+    """Check ``value`` against ``tp``, converting where the YAML form differs."""
+
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    origin = get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key + ".", source)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad()
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise bad()
+        (item_tp, *_) = get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise bad()  # unions are internal-only fields
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise bad()
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (source.parent / path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise bad()
+
+
+def _build(cls: Any, raw: dict[str, Any], prefix: str, source: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for k in raw:
+        if k not in known:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{k}' (known keys here: {', '.join(sorted(known))})"
+            )
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: required key '{prefix}{f.name}' is missing")
+            continue
+        key = prefix + f.name
+        value = _convert(raw[f.name], hints[f.name], key, source)
+        if key in _POSITIVE_KEYS and value <= 0:
+            raise ConfigError(f"{source}: key '{key}' must be greater than 0, got {value!r}")
+        if key == "ingest.settle_ms" and value < 0:
+            raise ConfigError(f"{source}: key '{key}' must be 0 or more, got {value!r}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, check and resolve a config file."""
+    source = Path(path).expanduser().absolute()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    cfg: Config = _build(Config, raw, "", source)
+    for key in _FOLDER_KEYS:
+        folder: Path = getattr(cfg, key)
+        if not folder.is_dir():
+            raise ConfigError(f"{source}: key '{key}' names a folder that does not exist: {folder}")
+    if not cfg.results.parent.is_dir():
+        raise ConfigError(f"{source}: key 'results' is in a folder that does not exist: {cfg.results.parent}")
+    if cfg.results.is_dir():
+        raise ConfigError(f"{source}: key 'results' must name a file, not a folder: {cfg.results}")
+    inbox = cfg.inbox.resolve()
+    for key in ("processed", "failed"):
+        dest = getattr(cfg, key).resolve()
+        if dest == inbox or inbox in dest.parents:
+            raise ConfigError(f"{source}: key '{key}' must not be inside the inbox ({inbox})")
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.ingest.extensions)
+    instance = cfg.instance_id or socket.gethostname() or "local"
+    if "/" in instance or instance.startswith("."):
+        raise ConfigError(f"{source}: key 'instance_id' must be a plain name, got {instance!r}")
+    return dataclasses.replace(
+        cfg,
+        ingest=dataclasses.replace(cfg.ingest, extensions=exts),
+        instance_id=instance,
+        source=source,
+    )

@@ -1,0 +1,59 @@
+"""Moving finished files to ``processed/<LABEL>/`` or ``failed/`` without ever overwriting.
+
+``plan_destination`` picks a free name (the relative path kept; on a clash a short content
+hash, then a counter, goes before the extension). ``place`` moves the file there with
+``os.link`` + ``unlink``, which fails rather than replaces if the name was taken meanwhile,
+and falls back to copy + fsync + link across filesystems.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path, PurePosixPath
+
+from watcher.fsutil import fsync_dir
+
+
+def plan_destination(root: Path, rel: PurePosixPath, sha256: str) -> Path:
+    """A path under ``root`` for ``rel`` that does not exist yet."""
+    target = root.joinpath(*rel.parts)
+    if not os.path.lexists(target):
+        return target
+    stem, suffix = target.stem, target.suffix
+    tagged = target.with_name(f"{stem}.{sha256[:8]}{suffix}")
+    n = 2
+    while os.path.lexists(tagged):
+        tagged = target.with_name(f"{stem}.{sha256[:8]}-{n}{suffix}")
+        n += 1
+    return tagged
+
+
+def place(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``; raises FileExistsError if ``dest`` exists, never overwrites."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
+            raise
+        _copy_across(src, dest)
+    fsync_dir(dest.parent)
+    os.unlink(src)
+    fsync_dir(src.parent)
+
+
+def _copy_across(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if src.is_symlink():
+            os.symlink(os.readlink(src), tmp)
+        else:
+            shutil.copy2(src, tmp, follow_symlinks=False)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.link(tmp, dest, follow_symlinks=False)
+    finally:
+        tmp.unlink(missing_ok=True)

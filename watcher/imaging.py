@@ -1,0 +1,245 @@
+"""Pure decode and preprocessing functions: the one pixel contract of training and serving.
+
+``decode_image`` turns file bytes (JPEG, PNG, DICOM) into a 2-D ``uint8`` grey image or
+raises ``DecodeError`` in plain words. ``preprocess`` turns such an image into the model's
+input (``float32``, shape ``(height, width, 1)``) following a ``PreprocessSpec`` that is
+stored in each model version's metadata, so serving cannot drift from training.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from watcher.errors import DecodeError
+
+GreyImage = npt.NDArray[np.uint8]
+ModelInput = npt.NDArray[np.float32]
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+cv2.setNumThreads(1)  # decoding runs in our own worker threads; nested pools only thrash
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a grey image becomes model input; saved as ``preprocessing`` in metadata.json."""
+
+    height: int
+    width: int
+    scaling: Literal["unit"] = "unit"
+    equalize: Literal["none", "clahe"] = "none"
+    effective_size: int = 0  # >0: squeeze through this resolution first (hides sharpness)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in metadata.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreprocessSpec:
+        """Read the JSON form; unknown fields are an error, not silently dropped."""
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ValueError(f"bad preprocessing spec {raw!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the container from its magic bytes: 'jpeg', 'png', 'dicom' or 'unknown'."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return "unknown"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise DecodeError("PNG header is damaged (no IHDR chunk)")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    pos = 2
+    n = len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise DecodeError(f"JPEG header is damaged (no marker at byte {pos})")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _SOF_MARKERS:
+            if pos + 9 > n:
+                break
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header
+            break
+        pos += 2 + length
+    raise DecodeError("JPEG header is damaged or truncated (no frame header found)")
+
+
+def _check_complete(fmt: str, data: bytes) -> None:
+    """Reject truncated files that decoders would silently pad with grey."""
+    tail = data[-4096:].rstrip(b"\x00\r\n ")
+    if fmt == "jpeg" and b"\xff\xd9" not in tail[-1024:]:
+        raise DecodeError("JPEG data ends before its end-of-image marker: the file is truncated")
+    if fmt == "png" and b"IEND" not in tail[-64:]:
+        raise DecodeError("PNG data ends before its IEND chunk: the file is truncated")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"image declares an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image declares {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{max_pixels:,} (decode.max_pixels); refusing to decode a possible decompression bomb"
+        )
+
+
+def to_uint8(pixels: npt.NDArray[Any]) -> GreyImage:
+    """Stretch any numeric 2-D array to the full 0..255 range (used for >8-bit data)."""
+    arr = pixels.astype(np.float64, copy=False)
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise DecodeError("image holds non-finite pixel values")
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _decode_raster(data: bytes, fmt: str, max_pixels: int) -> GreyImage:
+    width, height = _png_size(data) if fmt == "png" else _jpeg_size(data)
+    _check_pixels(width, height, max_pixels)
+    _check_complete(fmt, data)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DecodeError(f"{fmt.upper()} data could not be decoded (corrupt image data)")
+    if img.ndim == 3:
+        channels = img.shape[2]
+        if channels == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        elif channels == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        elif channels == 2:
+            img = img[:, :, 0]
+        else:
+            raise DecodeError(f"{fmt.upper()} has {channels} channels; expected 1 to 4")
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(img)
+    return to_uint8(img)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> GreyImage:
+    try:
+        import pydicom
+        from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+    except ImportError as exc:  # pragma: no cover - pydicom is a hard dependency
+        raise DecodeError("DICOM support needs pydicom, which is not installed") from exc
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise DecodeError(f"DICOM header could not be read: {exc}") from exc
+    _check_pixels(cols, rows, max_pixels)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise DecodeError(f"DICOM pixel data could not be decoded: {exc}") from exc
+    if arr.ndim == 3 and int(getattr(ds, "SamplesPerPixel", 1)) == 1:
+        arr = arr[0]  # multi-frame: the first frame
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(to_uint8(arr), cv2.COLOR_RGB2GRAY)
+    out = apply_voi_lut(apply_modality_lut(arr, ds), ds)
+    grey = to_uint8(out)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        grey = 255 - grey
+    return grey
+
+
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage:
+    """Decode image file bytes into a 2-D uint8 grey image, or raise ``DecodeError``."""
+    if not data:
+        raise DecodeError("the file is empty (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt == "unknown":
+        head = data[:64]
+        if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+            raise DecodeError("the file is text, not an image (expected JPEG, PNG or DICOM)")
+        raise DecodeError("not a JPEG, PNG or DICOM file (unrecognised leading bytes)")
+    img = _decode_dicom(data, max_pixels) if fmt == "dicom" else _decode_raster(data, fmt, max_pixels)
+    if img.ndim != 2 or img.size == 0:
+        raise DecodeError(f"decoded image has unusable shape {img.shape}")
+    return img
+
+
+def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage:
+    """Read and decode one image file (the only function here that does I/O)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DecodeError(f"cannot read the file: {exc.strerror or exc}") from exc
+    return decode_bytes(data, max_pixels)
+
+
+# ----------------------------------------------------------- preprocessing
+
+
+def resize(img: GreyImage, height: int, width: int) -> GreyImage:
+    """Resize to (height, width): area averaging when shrinking, bilinear when growing."""
+    if img.shape == (height, width):
+        return img
+    shrinking = img.shape[0] * img.shape[1] >= height * width
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(img, (width, height), interpolation=interp), dtype=np.uint8)
+
+
+def equalize(img: GreyImage, method: str) -> GreyImage:
+    """Contrast normalisation: 'none' or 'clahe' (clip 2.0, 8x8 tiles)."""
+    if method == "none":
+        return img
+    if method == "clahe":
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))  # not shared: not thread-safe
+        return np.asarray(clahe.apply(img), dtype=np.uint8)
+    raise ValueError(f"unknown equalize method {method!r} (expected 'none' or 'clahe')")
+
+
+def scale_to_unit(img: GreyImage) -> ModelInput:
+    """uint8 0..255 -> float32 0..1."""
+    return img.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def preprocess(img: GreyImage, spec: PreprocessSpec) -> ModelInput:
+    """Grey uint8 image -> model input of shape (height, width, 1), float32 in 0..1."""
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"preprocess expects a 2-D uint8 image, got {img.dtype} {img.shape}")
+    if spec.effective_size > 0:
+        img = resize(img, spec.effective_size, spec.effective_size)
+    img = resize(img, spec.height, spec.width)
+    img = equalize(img, spec.equalize)
+    if spec.scaling != "unit":
+        raise ValueError(f"unknown scaling {spec.scaling!r} (expected 'unit')")
+    return scale_to_unit(img)[:, :, np.newaxis]

@@ -1,0 +1,91 @@
+"""``Predictor``: one published model version, ready to score batches of model inputs.
+
+Everything that turns the network's output into a result lives here: the temperature
+(calibration) and the operating threshold come from the version's metadata.json, so the
+daemon, ``predict`` and ``evaluate`` give the same answer for the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from watcher import model_store
+from watcher.errors import ModelStoreError
+from watcher.imaging import ModelInput, PreprocessSpec
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+POSITIVE = "PNEUMONIA"
+NEGATIVE = "NORMAL"
+_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image."""
+
+    probability: float
+    label: str
+
+
+def calibrate(raw_prob: npt.NDArray[np.floating[Any]], temperature: float) -> npt.NDArray[np.float64]:
+    """Temperature-scale sigmoid outputs: sigmoid(logit(p) / T)."""
+    p = np.clip(np.asarray(raw_prob, dtype=np.float64), _EPS, 1.0 - _EPS)
+    logits = np.log(p) - np.log1p(-p)
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-logits / temperature))
+    return out
+
+
+class Predictor:
+    """A loaded model version."""
+
+    def __init__(self, store: Path, version: str | None = None) -> None:
+        import keras  # imported here so that modules without a model stay light
+
+        self.store = store
+        self.version = version or model_store.current_version(store)
+        self.metadata = model_store.read_metadata(store, self.version)
+        try:
+            self.spec = PreprocessSpec.from_dict(self.metadata["preprocessing"])
+            self.threshold = float(self.metadata["threshold"])
+            self.temperature = float(self.metadata.get("temperature", 1.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelStoreError(f"metadata.json of {self.version} is incomplete: {exc}") from exc
+        if not 0.0 < self.threshold < 1.0 or self.temperature <= 0:
+            raise ModelStoreError(
+                f"metadata.json of {self.version}: threshold {self.threshold} must be in (0, 1) "
+                f"and temperature {self.temperature} > 0"
+            )
+        path = store / self.version / model_store.MODEL_FILE
+        try:
+            self.model = keras.saving.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad file
+            raise ModelStoreError(f"cannot load {path}: {exc}") from exc
+        expected = (self.spec.height, self.spec.width, 1)
+        got = tuple(self.model.input_shape[1:])
+        if got != expected:
+            raise ModelStoreError(f"{path} takes input {got} but metadata.json describes {expected}")
+
+    def probabilities(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """Calibrated pneumonia probabilities for a batch of shape (n, h, w, 1)."""
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        raw = np.asarray(self.model.predict_on_batch(batch)).reshape(-1)
+        return calibrate(raw, self.temperature)
+
+    def label_for(self, probability: float) -> str:
+        """The class at this version's operating threshold."""
+        return POSITIVE if probability >= self.threshold else NEGATIVE
+
+    def predict(self, inputs: list[ModelInput]) -> list[Prediction]:
+        """Score preprocessed images."""
+        if not inputs:
+            return []
+        probs = self.probabilities(np.stack(inputs).astype(np.float32, copy=False))
+        return [Prediction(float(p), self.label_for(float(p))) for p in probs]

@@ -1,0 +1,230 @@
+"""Finding inbox files that are complete and ours to take. No TensorFlow here.
+
+Sources of candidates: a startup scan, watchdog events, and a periodic rescan (which also
+covers inotify queue overflows and a dead observer thread). A candidate becomes *ready*
+once it is fully written: after its close-write event, or when its size and mtime have
+not changed for ``settle_ms``. Hidden files (leading dot, which also hides our own work
+folder ``.xray-watcher``) and ``*.part``/``*.tmp`` files are never candidates, so writers
+can use the "write under a temporary name, then rename" convention.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import (
+    FileClosedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+    FileSystemMovedEvent,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from watcher.config import Config
+
+log = structlog.get_logger()
+
+PARTIAL_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+CLOSE_GRACE_S = 0.2
+
+
+def is_candidate(inbox: Path, path: Path, extensions: tuple[str, ...]) -> bool:
+    """Whether ``path`` (inside ``inbox``) is a file name we may take at all."""
+    try:
+        rel = path.relative_to(inbox)
+    except ValueError:
+        return False
+    if any(part.startswith(".") for part in rel.parts):
+        return False
+    name = path.name.lower()
+    if name.endswith(PARTIAL_SUFFIXES):
+        return False
+    return name.endswith(extensions)
+
+
+def scan_inbox(inbox: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
+    """Every candidate file under the inbox, hidden folders pruned, links not followed."""
+    for root, dirs, files in os.walk(inbox, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        root_path = Path(root)
+        for name in sorted(files):
+            path = root_path / name
+            if is_candidate(inbox, path, extensions):
+                yield path
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    last_change: float
+    closed: bool
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+class Ingest:
+    """Tracks candidates until they are settled, then puts them on ``ready``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.inbox = cfg.inbox
+        self.settle_s = cfg.ingest.settle_ms / 1000.0
+        self.ready: queue.Queue[Path] = queue.Queue()
+        self._pending: dict[Path, _Pending] = {}
+        self._queued: set[Path] = set()
+        self._lock = threading.Lock()
+        self._observer: BaseObserver | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_rescan = 0.0
+
+    # ------------------------------------------------------------ noticing
+
+    def notice(self, path: Path, closed: bool = False) -> None:
+        """Something happened to ``path``; consider it (thread-safe, never raises)."""
+        try:
+            if not is_candidate(self.inbox, path, self.cfg.ingest.extensions):
+                return
+            key = _stat_key(path)
+            now = time.monotonic()
+            with self._lock:
+                if path in self._queued:
+                    return
+                if key is None:
+                    self._pending.pop(path, None)
+                    return
+                entry = self._pending.get(path)
+                if entry is None:
+                    self._pending[path] = _Pending(key[0], key[1], now, closed)
+                else:
+                    if (entry.size, entry.mtime_ns) != key:
+                        entry.size, entry.mtime_ns, entry.last_change = key[0], key[1], now
+                    entry.closed = entry.closed or closed
+        except Exception:  # an event handler must never kill the observer thread
+            log.exception("ingest_notice_failed", path=str(path))
+
+    def rescan(self) -> int:
+        """Notice every candidate in the inbox; returns how many were seen."""
+        n = 0
+        for path in scan_inbox(self.inbox, self.cfg.ingest.extensions):
+            self.notice(path)
+            n += 1
+        self._last_rescan = time.monotonic()
+        return n
+
+    def done(self, path: Path) -> None:
+        """The service has taken ``path`` off the ready queue for good."""
+        with self._lock:
+            self._queued.discard(path)
+
+    def settle(self) -> int:
+        """Move settled candidates to ``ready``; returns how many were moved."""
+        now = time.monotonic()
+        moved = 0
+        with self._lock:
+            for path, entry in list(self._pending.items()):
+                key = _stat_key(path)
+                if key is None:
+                    del self._pending[path]
+                    continue
+                if (entry.size, entry.mtime_ns) != key:
+                    entry.size, entry.mtime_ns, entry.last_change = key[0], key[1], now
+                    entry.closed = False
+                    continue
+                quiet = now - entry.last_change
+                # a file may be touched again after its close (some copiers re-open to set
+                # times), so even a closed file must be quiet for a short grace period
+                if quiet >= self.settle_s or (entry.closed and quiet >= min(CLOSE_GRACE_S, self.settle_s)):
+                    del self._pending[path]
+                    self._queued.add(path)
+                    self.ready.put(path)
+                    moved += 1
+        return moved
+
+    def pending_count(self) -> int:
+        """Candidates seen but not yet settled."""
+        with self._lock:
+            return len(self._pending)
+
+    # ------------------------------------------------------------ threads
+
+    def start(self) -> None:
+        """Start the observer and the settle/rescan thread."""
+        self._observer = self._make_observer()
+        self._observer.start()
+        self.rescan()
+        self._thread = threading.Thread(target=self._loop, name="ingest-settle", daemon=True)
+        self._thread.start()
+
+    def _make_observer(self) -> BaseObserver:
+        if self.cfg.ingest.observer == "polling":
+            observer: BaseObserver = PollingObserver(timeout=self.cfg.ingest.poll_interval_ms / 1000.0)
+        else:
+            observer = Observer()
+        observer.schedule(_Handler(self), str(self.inbox), recursive=True)
+        return observer
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.settle()
+                observer_dead = self._observer is not None and not self._observer.is_alive()
+                if observer_dead:
+                    log.error("observer_died_restarting")
+                    self._observer = self._make_observer()
+                    self._observer.start()
+                if observer_dead or time.monotonic() - self._last_rescan >= self.cfg.ingest.rescan_interval_s:
+                    self.rescan()
+            except Exception:
+                log.exception("ingest_loop_error")
+                self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        """Stop watching (files already ready stay on the queue)."""
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            if event.is_directory:
+                if event.event_type in ("created", "moved"):
+                    # a folder moved in whole brings files that raise no events of their own
+                    target = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
+                    folder = Path(os.fsdecode(target))
+                    for path in scan_inbox(folder, self.ingest.cfg.ingest.extensions):
+                        self.ingest.notice(path)
+                return
+            if isinstance(event, FileSystemMovedEvent):
+                self.ingest.notice(Path(os.fsdecode(event.dest_path)))
+                return
+            if event.event_type in ("created", "modified"):
+                self.ingest.notice(Path(os.fsdecode(event.src_path)))
+            elif isinstance(event, FileClosedEvent):
+                self.ingest.notice(Path(os.fsdecode(event.src_path)), closed=True)
+        except Exception:
+            log.exception("event_handler_error", event=repr(event))

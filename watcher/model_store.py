@@ -1,0 +1,185 @@
+"""The versioned model store: list, read, publish, promote and roll back versions.
+
+Layout::
+
+    model_store/
+      CURRENT            one line: the version the daemon serves (replaced atomically)
+      history.jsonl      every change of CURRENT, for ``rollback``
+      v0001/             a published version, never edited afterwards
+        model.keras      the Keras model
+        metadata.json    preprocessing, threshold, temperature, classes, training summary
+        metrics.json     validation report (when training made one)
+        *.png            plots
+
+A version is built in a hidden temporary folder and published by one ``os.rename``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watcher.errors import ModelStoreError
+from watcher.fsutil import atomic_write_text, fsync_dir
+
+log = structlog.get_logger()
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+METRICS_FILE = "metrics.json"
+CURRENT_FILE = "CURRENT"
+HISTORY_FILE = "history.jsonl"
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+def list_versions(store: Path) -> list[str]:
+    """Published versions, oldest first."""
+    if not store.is_dir():
+        raise ModelStoreError(f"model store {store} is not a folder")
+    found = [p.name for p in store.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+    return sorted(found, key=lambda v: int(v[1:]))
+
+
+def current_version(store: Path) -> str:
+    """The version named by CURRENT, checked to exist."""
+    pointer = store / CURRENT_FILE
+    try:
+        version = pointer.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ModelStoreError(
+            f"model store {store} has no {CURRENT_FILE} pointer: train a model first "
+            "(xray-watcher train --data DIR --promote)"
+        ) from None
+    if not _VERSION_RE.match(version) or not (store / version).is_dir():
+        raise ModelStoreError(f"{pointer} names {version!r}, which is not a published version")
+    return version
+
+
+def read_json(store: Path, version: str, name: str) -> dict[str, Any]:
+    """One JSON file of a version."""
+    path = store / version / name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelStoreError(f"version {version} has no {name} ({path})") from None
+    except (OSError, ValueError) as exc:
+        raise ModelStoreError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelStoreError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_metadata(store: Path, version: str) -> dict[str, Any]:
+    """metadata.json of a version."""
+    return read_json(store, version, METADATA_FILE)
+
+
+def new_build_dir(store: Path) -> Path:
+    """A hidden scratch folder inside the store (same filesystem, so publish is a rename)."""
+    build = store / f".build-{uuid.uuid4().hex[:12]}"
+    build.mkdir()
+    return build
+
+
+def publish(store: Path, build: Path, stamp: Callable[[str], None] | None = None) -> str:
+    """Publish a finished build folder as the next version; returns its name.
+
+    ``stamp(version)`` is called with the chosen name before the rename, so files in the
+    build can record it (e.g. metadata.json's ``version``).
+    """
+    for name in (MODEL_FILE, METADATA_FILE):
+        if not (build / name).is_file():
+            raise ModelStoreError(f"build folder {build} lacks {name}; nothing published")
+    for _ in range(100):
+        versions = list_versions(store)
+        number = int(versions[-1][1:]) + 1 if versions else 1
+        version = f"v{number:04d}"
+        if stamp is not None:
+            stamp(version)
+        for entry in build.iterdir():
+            if entry.is_file():
+                with entry.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        try:
+            os.rename(build, store / version)  # fails if another publisher took the name
+        except OSError:
+            continue
+        fsync_dir(store)
+        log.info("model_published", version=version, store=str(store))
+        return version
+    raise ModelStoreError(f"could not find a free version name in {store}")
+
+
+def _history(store: Path) -> list[dict[str, Any]]:
+    path = store / HISTORY_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line from a crash; the pointer file is the truth
+    return out
+
+
+def set_current(store: Path, version: str, reason: str, is_rollback: bool = False) -> None:
+    """Point CURRENT at ``version`` atomically and record the change."""
+    if version not in list_versions(store):
+        raise ModelStoreError(f"no published version {version!r} in {store}")
+    try:
+        previous = current_version(store)
+    except ModelStoreError:
+        previous = None
+    entry = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "from": previous,
+        "to": version,
+        "reason": reason,
+        "rollback": is_rollback,
+    }
+    with (store / HISTORY_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    atomic_write_text(store / CURRENT_FILE, version + "\n")
+    log.info("model_current_changed", previous=previous, current=version, reason=reason)
+
+
+def promotion_stack(store: Path) -> list[str]:
+    """Versions promoted and not rolled back, oldest first; the last is current."""
+    stack: list[str] = []
+    for entry in _history(store):
+        if entry.get("rollback"):
+            if stack:
+                stack.pop()
+        elif entry.get("to"):
+            stack.append(str(entry["to"]))
+    return stack
+
+
+def rollback(store: Path) -> str:
+    """Point CURRENT back at the version promoted before it; returns that version."""
+    current = current_version(store)
+    stack = promotion_stack(store)
+    if len(stack) < 2 or stack[-1] != current:
+        raise ModelStoreError(
+            f"no earlier promoted version to roll back to from {current} (see {store / HISTORY_FILE})"
+        )
+    target = stack[-2]
+    set_current(store, target, reason=f"rollback from {current}", is_rollback=True)
+    return target
+
+
+def remove_build(build: Path) -> None:
+    """Drop an unfinished build folder."""
+    shutil.rmtree(build, ignore_errors=True)
