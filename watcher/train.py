@@ -159,6 +159,57 @@ def augment_grey(img: GreyImage, rng: np.random.Generator, opt: AugmentOptions) 
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+# ------------------------------------------------------------ robustness probes
+
+
+def _downup(img: GreyImage, f: float) -> GreyImage:
+    h, w = img.shape
+    small = cv2.resize(img, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
+    return np.asarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+
+
+def _jpeg(img: GreyImage, quality: int) -> GreyImage:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
+    return img if out is None else np.asarray(out, dtype=np.uint8)
+
+
+def _lut(img: GreyImage, fn: Any) -> GreyImage:
+    table = np.clip(np.round(fn(np.arange(256) / 255.0) * 255.0), 0, 255).astype(np.uint8)
+    return np.asarray(cv2.LUT(img, table), dtype=np.uint8)
+
+
+# name -> (transform of the raw grey image, which classes it is applied to)
+PROBES: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0, 1)),
+    "blur_sigma_1.2": (lambda im: cv2.GaussianBlur(im, (0, 0), 1.2), (0, 1)),
+    "jpeg_q30": (lambda im: _jpeg(im, 30), (0, 1)),
+    "gamma_0.7": (lambda im: _lut(im, lambda v: v ** 0.7), (0, 1)),
+    "gamma_1.4": (lambda im: _lut(im, lambda v: v ** 1.4), (0, 1)),
+    "contrast_0.7": (lambda im: _lut(im, lambda v: (v - 0.5) * 0.7 + 0.5), (0, 1)),
+    # the sharpness shortcut: NORMAL images made as soft as the lower-resolution PNEUMONIA originals
+    "normal_only_lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0,)),
+}
+
+
+def robustness_report(predict: Any, images: Sequence[GreyImage], labels: npt.NDArray[np.int64],
+                      spec: PreprocessSpec, threshold: float) -> dict[str, dict[str, float]]:
+    """Validation metrics at ``threshold`` after fixed acquisition changes (stress tests).
+
+    ``predict`` maps a preprocessed batch to calibrated probabilities. A model that relies on
+    sharpness or contrast loses specificity or AUC here; one trained with the matching
+    augmentation is expected to hold up, so read these next to the augmentation settings.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, (fn, classes) in PROBES.items():
+        changed = [fn(img) if int(lab) in classes else img for img, lab in zip(images, labels, strict=True)]
+        x = preprocess_all(changed, spec)
+        probs = np.concatenate([predict(x[i:i + 128]) for i in range(0, len(x), 128)])
+        m = evaluation.binary_metrics(labels, probs, threshold)
+        out[name] = {k: round(m[k], 4) for k in ("roc_auc", "accuracy", "sensitivity", "specificity")}
+    return out
+
+
 # ------------------------------------------------------------------------ data
 
 
@@ -398,6 +449,13 @@ def train(opts: TrainOptions) -> str:
     report["threshold_rule"] = (f"max Youden J subject to validation sensitivity >= {opts.min_sensitivity}, "
                                 "midpoint to the next lower score")
     report["split"] = split.summary()
+
+    def predict_calibrated(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        raw_b = np.asarray(model.predict_on_batch(batch)).reshape(-1)
+        return evaluation.apply_temperature(raw_b, temperature)
+
+    report["robustness"] = robustness_report(predict_calibrated, val_images, y_val, spec, threshold)
+    log.info("train_robustness", **{k: v["roc_auc"] for k, v in report["robustness"].items()})
     comparison = compare_with_current(store, report["metrics"]["roc_auc"], val_images, y_val, split.summary())
 
     build = model_store.new_build_dir(store)
@@ -447,7 +505,8 @@ def train(opts: TrainOptions) -> str:
             "validation": {"split": split.method, "threshold_rule": report["threshold_rule"],
                            **{k: report["metrics"][k] for k in evaluation.METRIC_NAMES},
                            "ci95": report["ci95"], "uncalibrated_ece": report["uncalibrated"]["ece"],
-                           "n_images": report["n_images"], "n_patients": report["n_patients"]},
+                           "n_images": report["n_images"], "n_patients": report["n_patients"],
+                           "robustness": report["robustness"]},
             "promotion": comparison,
             "fit_time_s": round(fit_s, 1),
             "training_time_s": round(training_time, 1),
