@@ -54,7 +54,7 @@ def utc_now() -> str:
 
 def _encode(rows: Iterable[ResultRow]) -> bytes:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)  # "\r" in names too
     for row in rows:
         writer.writerow([getattr(row, c) for c in COLUMNS])
     return buf.getvalue().encode("utf-8", errors="surrogateescape")

@@ -156,6 +156,7 @@ class Service:
         self._lock = InstanceLock(cfg.work_dir)
         self._stop_taking = threading.Event()  # SIGTERM: take no new files
         self._input_done = threading.Event()  # --once: nothing more will arrive
+        self._no_more_input = threading.Event()  # either of the two: stop waiting for files
         self._reload_now = threading.Event()  # SIGHUP
         self._decoded: queue.Queue[list[Item] | None] = queue.Queue(maxsize=2)
         self._recovered: list[Item] = []
@@ -168,6 +169,7 @@ class Service:
     def request_stop(self) -> None:
         """Stop taking files; finish what is claimed; then ``run`` returns."""
         self._stop_taking.set()
+        self._no_more_input.set()
 
     def request_reload(self) -> None:
         """Check the model store for a new current version now."""
@@ -240,6 +242,7 @@ class Service:
                 break
             time.sleep(0.05)
         self._input_done.set()
+        self._no_more_input.set()
 
     # ------------------------------------------------------------ recovery
 
@@ -305,7 +308,6 @@ class Service:
     def _decode_loop(self) -> None:
         cfg = self.cfg
         max_bytes = cfg.decode.max_file_mb << 20
-        stop_or_done = threading.Event()
         try:
             with ThreadPoolExecutor(cfg.decode.workers, thread_name_prefix="decode") as pool:
                 while self._recovered:
@@ -314,21 +316,15 @@ class Service:
                         self._recovered[cfg.batch.max_size :],
                     )
                     self._decode_batch(pool, batch, max_bytes)
-                while True:
-                    if self._stop_taking.is_set() or self._input_done.is_set():
-                        stop_or_done.set()
-                    if self._stop_taking.is_set():
-                        break
+                while not self._stop_taking.is_set():
                     paths = collect_batch(
                         self.ingest.ready,
                         cfg.batch.max_size,
                         cfg.batch.max_wait_ms / 1000.0,
-                        stop=stop_or_done,
+                        stop=self._no_more_input,
                     )
                     if not paths:
-                        if self._input_done.is_set() or self._stop_taking.is_set():
-                            break
-                        continue
+                        break  # empty only once no more input will come
                     items = []
                     for path in paths:
                         item = self._claim(path)
@@ -339,7 +335,7 @@ class Service:
                         self._decode_batch(pool, items, max_bytes)
         except Exception:
             log.exception("decoder_crashed")
-            self._stop_taking.set()
+            self.request_stop()
         finally:
             self._decoded.put(None)
 

@@ -1,0 +1,130 @@
+"""Configuration loading: types, unknown keys, missing folders, path resolution, exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from watcher.config import Config, load_config
+from watcher.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _layout(tmp_path: Path) -> None:
+    for name in ("inbox", "processed", "failed", "model_store"):
+        (tmp_path / name).mkdir(exist_ok=True)
+
+
+BASE = "inbox: inbox\nprocessed: processed\nfailed: failed\nresults: results.csv\nmodel_store: model_store\n"
+
+
+class TestLoadConfig:
+    def test_shipped_config_loads(self) -> None:
+        """The config.yaml in the repo works as shipped."""
+        cfg = load_config(ROOT / "config.yaml")
+        assert ROOT / "inbox" == cfg.inbox
+        assert 16 == cfg.batch.max_size
+
+    def test_relative_paths_resolve_against_config_folder(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Relative paths are relative to the file, not the working directory."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE)
+        monkeypatch.chdir("/")
+        cfg = load_config(tmp_path / "c.yaml")
+        assert tmp_path / "inbox" == cfg.inbox
+        assert tmp_path / "results.csv" == cfg.results
+
+    def test_defaults_and_nested_values(self, tmp_path: Path) -> None:
+        """Nested sections are typed; missing ones get defaults; extensions are normalised."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE + "batch: {max_size: 3}\ningest: {extensions: [PNG, .JPG]}\n")
+        cfg = load_config(tmp_path / "c.yaml")
+        assert 3 == cfg.batch.max_size
+        assert 500 == cfg.batch.max_wait_ms
+        assert (".png", ".jpg") == cfg.ingest.extensions
+
+    @pytest.mark.parametrize(
+        ("extra", "key"),
+        [
+            ("colour: blue\n", "colour"),
+            ("batch: {max_size: 4, maxsize: 3}\n", "batch.maxsize"),
+            ("batch: {max_size: big}\n", "batch.max_size"),
+            ("batch: {max_size: 0}\n", "batch.max_size"),
+            ("batch: {max_wait_ms: 1.5}\n", "batch.max_wait_ms"),
+            ("batch: 16\n", "batch"),
+            ("ingest: {observer: magic}\n", "ingest.observer"),
+            ("ingest: {extensions: .png}\n", "ingest.extensions"),
+            ("decode: {workers: true}\n", "decode.workers"),
+        ],
+    )
+    def test_bad_keys_name_the_key(self, tmp_path: Path, extra: str, key: str) -> None:
+        """Unknown keys and wrong types give one error naming the dotted key."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE + extra)
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config(tmp_path / "c.yaml")
+
+    @pytest.mark.parametrize("key", ["inbox", "processed", "failed", "model_store"])
+    def test_missing_folder_names_the_key(self, tmp_path: Path, key: str) -> None:
+        """A folder that does not exist is an error naming its key."""
+        _layout(tmp_path)
+        (tmp_path / key).rmdir()
+        (tmp_path / "c.yaml").write_text(BASE)
+        with pytest.raises(ConfigError, match=f"key '{key}' names a folder that does not exist"):
+            load_config(tmp_path / "c.yaml")
+
+    def test_missing_required_key(self, tmp_path: Path) -> None:
+        """A required key that is absent is named."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE.replace("results: results.csv\n", ""))
+        with pytest.raises(ConfigError, match="'results' is missing"):
+            load_config(tmp_path / "c.yaml")
+
+    def test_processed_inside_inbox_is_refused(self, tmp_path: Path) -> None:
+        """Outputs inside the inbox would be picked up again."""
+        _layout(tmp_path)
+        (tmp_path / "inbox" / "out").mkdir()
+        (tmp_path / "c.yaml").write_text(BASE.replace("processed: processed", "processed: inbox/out"))
+        with pytest.raises(ConfigError, match="'processed' must not be inside the inbox"):
+            load_config(tmp_path / "c.yaml")
+
+    def test_not_yaml(self, tmp_path: Path) -> None:
+        """Broken YAML is a ConfigError, not a traceback."""
+        (tmp_path / "c.yaml").write_text("inbox: [unclosed\n")
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_config(tmp_path / "c.yaml")
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A missing config file is a ConfigError."""
+        with pytest.raises(ConfigError, match="cannot read config file"):
+            load_config(tmp_path / "nope.yaml")
+
+    def test_instance_defaults_to_hostname(self, make_config: Callable[..., Config]) -> None:
+        """An empty instance_id becomes the host name."""
+        import socket
+
+        cfg = make_config(instance_id="")
+        assert socket.gethostname() == cfg.instance_id
+
+
+class TestCliExitCode:
+    def test_bad_config_exits_2_naming_the_key(self, tmp_path: Path) -> None:
+        """`xray-watcher run` with a bad config exits 2 with one clear message."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE + "batch: {max_size: -1}\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "watcher", "run", "--config", str(tmp_path / "c.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert 2 == proc.returncode
+        assert "batch.max_size" in proc.stderr
+        assert "Traceback" not in proc.stderr

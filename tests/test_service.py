@@ -1,0 +1,291 @@
+"""End to end: real files in a temp inbox, a tiny real model, ``run --once`` and a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import FULLRES, fixture_images, publish_tiny
+from watcher.config import Config
+from watcher.errors import WatcherError
+from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
+from watcher.service import Service
+
+
+def rows_of(cfg: Config) -> list[dict[str, str]]:
+    return [dict(r) for r in read_rows(cfg.results)]
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+class TestRunOnce:
+    def test_end_to_end(self, make_config: Callable[..., Config]) -> None:
+        """Every file gets one row and ends in processed/<LABEL>/ or failed/; others stay."""
+        cfg = make_config()
+        images = fixture_images()[:6]
+        for img in images[:4]:
+            shutil.copy(img, cfg.inbox / img.name)
+        (cfg.inbox / "ward 3" / "day,1").mkdir(parents=True)
+        for img in images[4:]:
+            shutil.copy(img, cfg.inbox / "ward 3" / "day,1" / img.name)
+        shutil.copy(FULLRES[0], cfg.inbox / "FULL.JPEG")
+        (cfg.inbox / "empty.png").write_bytes(b"")
+        (cfg.inbox / "cut.jpg").write_bytes(FULLRES[0].read_bytes()[:5000])
+        (cfg.inbox / ".hidden.jpg").write_bytes(images[0].read_bytes())
+        (cfg.inbox / "upload.jpg.part").write_bytes(images[0].read_bytes())
+        (cfg.inbox / "notes.txt").write_text("not an image extension")
+
+        assert 0 == Service(cfg).run(once=True)
+
+        rows = rows_of(cfg)
+        assert 9 == len(rows)
+        by_file = {r["file"]: r for r in rows}
+        assert {"ward 3/day,1/" + i.name for i in images[4:]} <= set(by_file)
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert 7 == len(ok)
+        for r in ok:
+            p = float(r["probability"])
+            assert 0.0 <= p <= 1.0
+            assert r["label"] == ("PNEUMONIA" if p >= float(r["threshold"]) else "NORMAL")
+            assert "v0001" == r["model_version"]
+            assert Path(r["destination"]).is_file()
+            assert Path(r["destination"]).is_relative_to(cfg.processed / r["label"])
+            assert 64 == len(r["sha256"])
+        assert "empty" in by_file["empty.png"]["error"]
+        assert "truncated" in by_file["cut.jpg"]["error"]
+        assert "" == by_file["cut.jpg"]["label"]
+        assert {cfg.failed / "empty.png", cfg.failed / "cut.jpg"} == set(files_under(cfg.failed))
+        nested = [Path(by_file["ward 3/day,1/" + i.name]["destination"]) for i in images[4:]]
+        assert all("ward 3/day,1" in str(p.parent) for p in nested)
+        left = {p.name for p in files_under(cfg.inbox) if ".xray-watcher" not in p.parts}
+        assert (
+            {".hidden.jpg", "upload.jpg.part", "notes.txt", ".gitkeep"}
+            >= left
+            >= {".hidden.jpg", "upload.jpg.part", "notes.txt"}
+        )
+        assert [] == [p for p in files_under(cfg.work_dir / "claimed")]
+        frame = pd.read_csv(cfg.results)
+        assert 9 == len(frame)
+
+    def test_same_name_twice_never_overwrites(self, make_config: Callable[..., Config]) -> None:
+        """A second file with a taken name is kept under a hash-tagged name."""
+        cfg = make_config()
+        first = fixture_images()[0].read_bytes()
+        second = first + b"\x00\x00"  # same picture (same label), other bytes
+        (cfg.inbox / "x.jpeg").write_bytes(first)
+        Service(cfg).run(once=True)
+        (cfg.inbox / "x.jpeg").write_bytes(second)
+        Service(cfg).run(once=True)
+        rows = rows_of(cfg)
+        dests = [Path(r["destination"]) for r in rows]
+        assert dests[0].parent == dests[1].parent
+        assert "x.jpeg" == dests[0].name
+        assert first == dests[0].read_bytes()
+        assert second == dests[1].read_bytes()
+        assert rows[1]["sha256"][:8] in dests[1].name
+
+    def test_batches_respect_max_size(self, make_config: Callable[..., Config]) -> None:
+        """Ten files with max_size 4 are scored in batches of at most 4."""
+        from structlog.testing import capture_logs
+
+        cfg = make_config(batch={"max_size": 4, "max_wait_ms": 50})
+        for i, img in enumerate(fixture_images()[:10]):
+            shutil.copy(img, cfg.inbox / f"{i}.jpeg")
+        with capture_logs() as logs:
+            Service(cfg).run(once=True)
+        sizes = [e["n_files"] for e in logs if e["event"] == "batch_done"]
+        assert 10 == sum(sizes)
+        assert max(sizes) <= 4
+        assert 10 == len(rows_of(cfg))
+
+    def test_recovers_claimed_file_without_row(self, make_config: Callable[..., Config]) -> None:
+        """A file left claimed by a crash before its row is processed at the next start."""
+        cfg = make_config()
+        claim = cfg.work_dir / "claimed" / "abc" / "sub"
+        claim.mkdir(parents=True)
+        shutil.copy(fixture_images()[0], claim / "a.jpeg")
+        Service(cfg).run(once=True)
+        rows = rows_of(cfg)
+        assert ["sub/a.jpeg"] == [r["file"] for r in rows]
+        assert Path(rows[0]["destination"]).is_file()
+        assert [] == files_under(cfg.work_dir / "claimed")
+
+    def test_recovers_claimed_file_with_row(self, make_config: Callable[..., Config]) -> None:
+        """A crash between row and move: the file goes where its row says; no second row."""
+        import hashlib
+
+        cfg = make_config()
+        img = fixture_images()[0]
+        claim = cfg.work_dir / "claimed" / "abc"
+        claim.mkdir(parents=True)
+        shutil.copy(img, claim / "a.jpeg")
+        dest = cfg.processed / "NORMAL" / "a.jpeg"
+        sha = hashlib.sha256(img.read_bytes()).hexdigest()
+        ResultsWriter(cfg.results).open().append(
+            [
+                ResultRow(
+                    processed_at=utc_now(),
+                    file="a.jpeg",
+                    sha256=sha,
+                    status="ok",
+                    label="NORMAL",
+                    probability="0.1",
+                    threshold="0.5",
+                    model_version="v0001",
+                    destination=str(dest),
+                    error="",
+                    width="224",
+                    height="224",
+                    bytes="1",
+                    instance=cfg.instance_id,
+                )
+            ]
+        )
+        Service(cfg).run(once=True)
+        assert 1 == len(rows_of(cfg))
+        assert img.read_bytes() == dest.read_bytes()
+        assert [] == files_under(cfg.work_dir / "claimed")
+
+    def test_second_instance_with_same_id_refused(self, make_config: Callable[..., Config]) -> None:
+        """Two daemons with one instance id on one inbox: the second refuses to start."""
+        cfg = make_config()
+        first = Service(cfg)
+        t = threading.Thread(target=first.run)
+        t.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not (cfg.work_dir / "lock").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            with pytest.raises(WatcherError, match="same instance_id"):
+                Service(cfg).run(once=True)
+        finally:
+            first.request_stop()
+            t.join(30)
+        assert not t.is_alive()
+
+    def test_broken_model_keeps_previous_serving(self, make_config: Callable[..., Config]) -> None:
+        """A newly promoted version that fails to load leaves the old one serving."""
+        from watcher import model_store
+
+        cfg = make_config(model_poll_s=0.1)
+        v2 = publish_tiny(cfg.model_store, promote=False)
+        (cfg.model_store / v2 / "model.keras").write_bytes(b"garbage")
+        model_store.set_current(cfg.model_store, v2, reason="test")
+        svc = Service(cfg, predictor=None)
+        from watcher.inference import Predictor
+
+        svc.predictor = Predictor(cfg.model_store, "v0001")
+        shutil.copy(fixture_images()[0], cfg.inbox / "a.jpeg")
+        time.sleep(0.2)
+        svc.run(once=True)
+        assert ["v0001"] == [r["model_version"] for r in rows_of(cfg)]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Daemon:
+    """A real `python -m watcher run` subprocess with its JSON log lines."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lines: list[dict[str, object]] = []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "run", "--config", str(cfg.source)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"event": "raw", "text": line})
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.lines if e.get("event") == name]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=60)
+        self._reader.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return rc
+
+
+class TestDaemon:
+    def test_picks_up_dropped_file_swaps_model_and_stops_on_sigterm(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """A file dropped after start is processed; a promoted model is picked up; SIGTERM exits 0."""
+        cfg = make_config()
+        d = Daemon(cfg)
+        try:
+            _wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
+            img = fixture_images()[0]
+            tmp = cfg.inbox / ".incoming.jpeg"
+            tmp.write_bytes(img.read_bytes())
+            tmp.rename(cfg.inbox / "dropped.jpeg")  # the write-then-rename convention
+            _wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the first row")
+            assert "v0001" == rows_of(cfg)[0]["model_version"]
+
+            v2 = publish_tiny(cfg.model_store, bias=-5.0, threshold=0.7)
+            _wait_for(lambda: bool(d.events("model_swapped")), 30, "the model swap")
+            shutil.copy(img, cfg.inbox / "second.jpeg")
+            _wait_for(lambda: len(rows_of(cfg)) == 2, 30, "the second row")
+            assert v2 == rows_of(cfg)[1]["model_version"]
+            assert "0.700000" == rows_of(cfg)[1]["threshold"]
+        finally:
+            rc = d.stop()
+        assert 0 == rc
+        assert d.events("stopped")
+        assert d.events("batch_done")
+        assert 2 == len(files_under(cfg.processed))
+
+    def test_slow_writer_is_not_read_early(self, make_config: Callable[..., Config]) -> None:
+        """A file written in chunks over a few seconds is read only when complete."""
+        cfg = make_config(ingest={"settle_ms": 1000})
+        d = Daemon(cfg)
+        try:
+            _wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
+            data = FULLRES[0].read_bytes()
+            chunks = [data[i : i + len(data) // 6 + 1] for i in range(0, len(data), len(data) // 6 + 1)]
+            with (cfg.inbox / "slow.jpeg").open("wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    fh.flush()
+                    time.sleep(0.5)
+                    assert [] == rows_of(cfg), "read before the writer finished"
+            _wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the row of the slow file")
+            row = rows_of(cfg)[0]
+            assert "ok" == row["status"], row["error"]
+        finally:
+            assert 0 == d.stop(signal.SIGINT)
