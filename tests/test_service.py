@@ -207,10 +207,10 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Daemon:
     """A real `python -m watcher run` subprocess with its JSON log lines."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.lines: list[dict[str, object]] = []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher", "run", "--config", str(cfg.source)],
             stdout=subprocess.PIPE,
@@ -289,3 +289,38 @@ class TestDaemon:
             assert "ok" == row["status"], row["error"]
         finally:
             assert 0 == d.stop(signal.SIGINT)
+
+
+class TestSystemdNotify:
+    def test_ready_watchdog_and_stopping_are_sent(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """Under Type=notify the daemon reports READY, feeds the watchdog and says STOPPING."""
+        import socket
+
+        sock_path = tmp_path / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(sock_path))
+        sock.settimeout(0.5)
+        messages: list[str] = []
+        cfg = make_config()
+        d = Daemon(cfg, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 2:
+                try:
+                    messages.append(sock.recv(4096).decode())
+                except TimeoutError:
+                    pass
+        finally:
+            assert 0 == d.stop()
+        try:
+            while True:
+                messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        sock.close()
+        assert messages[0].startswith("READY=1")
+        assert "v0001" in messages[0]
+        assert sum("WATCHDOG=1" in m for m in messages) >= 2
+        assert "STOPPING=1" == messages[-1]

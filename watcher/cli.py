@@ -196,7 +196,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         mark = "* " if version == current else "  "
         print(
-            f"{mark}{version:8} {meta.get('architecture', '?')!s:10} {str(meta.get('created_at', ''))[:19]:20} "
+            f"{mark}{version:8} {meta.get('architecture', '?')!s:10} {meta.get('created_at', '')!s:20.19} "
             f"{fmt('roc_auc'):>8} {fmt('accuracy'):>8} {fmt('sensitivity'):>6} {fmt('specificity'):>6} "
             f"{float(meta.get('threshold', 0)):>7.3f}"
         )

@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from watcher import model_store
+from watcher import model_store, systemd
 from watcher.batching import collect_batch
 from watcher.config import Config
 from watcher.errors import DecodeError, ModelStoreError, ReportError, WatcherError
@@ -216,9 +216,11 @@ class Service:
                     observer=self.cfg.ingest.observer,
                     instance=self.cfg.instance_id,
                 )
+            systemd.notify(f"READY=1\nSTATUS=serving model {self.predictor.version}")
             if on_ready is not None:
                 on_ready()
             self._infer_loop()
+            systemd.notify("STOPPING=1")
             decoder.join()
         finally:
             self.ingest.stop()
@@ -349,7 +351,13 @@ class Service:
     # ------------------------------------------------------------ stage 2: infer + report + file
 
     def _infer_loop(self) -> None:
+        # the watchdog is fed from this loop, so a wedged pipeline stops the pings
+        ping_every = systemd.watchdog_interval_s()
+        last_ping = 0.0
         while True:
+            if ping_every is not None and time.monotonic() - last_ping >= ping_every:
+                systemd.notify("WATCHDOG=1")
+                last_ping = time.monotonic()
             try:
                 items = self._decoded.get(timeout=0.2)
             except queue.Empty:
