@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -308,10 +309,8 @@ class TestSystemdNotify:
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 2:
-                try:
+                with contextlib.suppress(TimeoutError):
                     messages.append(sock.recv(4096).decode())
-                except TimeoutError:
-                    pass
         finally:
             assert 0 == d.stop()
         try:
