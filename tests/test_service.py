@@ -152,6 +152,7 @@ class TestRunOnce:
                     height="224",
                     bytes="1",
                     instance=cfg.instance_id,
+                    claim="abc",
                 )
             ]
         )

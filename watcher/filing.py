@@ -14,6 +14,7 @@ import shutil
 import uuid
 from pathlib import Path, PurePosixPath
 
+from watcher import failpoints
 from watcher.fsutil import fsync_dir
 
 
@@ -41,6 +42,7 @@ def place(src: Path, dest: Path) -> None:
             raise
         _copy_across(src, dest)
     fsync_dir(dest.parent)
+    failpoints.hit("linked")
     os.unlink(src)
     fsync_dir(src.parent)
 

@@ -42,6 +42,7 @@ class ResultRow:
     height: str
     bytes: str
     instance: str
+    claim: str  # the claim id; recovery after a crash finds a file's row by it
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))

@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from watcher import model_store, systemd
+from watcher import failpoints, model_store, systemd
 from watcher.batching import collect_batch
 from watcher.config import Config
 from watcher.errors import DecodeError, ModelStoreError, ReportError, WatcherError
@@ -106,6 +106,7 @@ def load_item(item: Item, spec: PreprocessSpec, max_pixels: int, max_bytes: int)
         item.image = decode_bytes(data, max_pixels)
         item.model_input = preprocess(item.image, spec)
         item.spec = spec
+        failpoints.hit("decoded")
     except DecodeError as exc:
         item.error = str(exc)
         if not item.sha256 and item.path.is_symlink():
@@ -258,10 +259,12 @@ class Service:
         claim_dirs = self._claim_dirs()
         if not claim_dirs:
             return
-        done: dict[tuple[str, str], str] = {}
-        for row in read_rows(self.cfg.results):
-            if row.get("instance") == self.cfg.instance_id and row.get("destination"):
-                done[(row["file"], row["sha256"])] = row["destination"]
+        claimed = {d.name for d in claim_dirs}
+        done = {
+            row["claim"]: row["destination"]
+            for row in read_rows(self.cfg.results)
+            if row.get("claim") in claimed and row.get("instance") == self.cfg.instance_id
+        }
         for claim_dir in claim_dirs:
             files = [Path(r) / f for r, _, fs in os.walk(claim_dir) for f in fs]
             if not files:
@@ -270,14 +273,7 @@ class Service:
             for path in files:
                 rel = PurePosixPath(path.relative_to(claim_dir).as_posix())
                 item = Item(rel=rel, path=path, claim_dir=claim_dir)
-                try:
-                    data = read_file(path, self.cfg.decode.max_file_mb << 20)
-                    sha = hashlib.sha256(data).hexdigest()
-                except DecodeError:
-                    sha = ""
-                dest = done.get((str(rel), sha)) if sha else None
-                if dest:
-                    item.sha256, item.known_destination = sha, dest
+                item.known_destination = done.get(claim_dir.name, "")
                 self._recovered.append(item)
         self.counts["recovered"] = len(self._recovered)
         log.warning(
@@ -298,6 +294,7 @@ class Service:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, target)
+            failpoints.hit("claimed")
         except FileNotFoundError:
             shutil.rmtree(claim_dir, ignore_errors=True)  # taken by another instance, or gone
             return None
@@ -433,6 +430,7 @@ class Service:
                     height=str(h),
                     bytes=str(item.size),
                     instance=self.cfg.instance_id,
+                    claim=item.claim_dir.name if item.claim_dir else "",
                 )
             )
             moves.append((item, dest))
@@ -441,8 +439,10 @@ class Service:
             if item.known_destination:
                 moves.append((item, Path(item.known_destination)))
         self._retry("results_append_failed", lambda: self.results.append(rows))
+        failpoints.hit("rows_written")
         for item, dest in moves:
             self._retry("file_move_failed", lambda i=item, d=dest: self._place(i, d))  # type: ignore[misc]
+            failpoints.hit("placed")
         n_ok = sum(1 for r in rows if r.status == "ok")
         self.counts["ok"] += n_ok
         self.counts["failed"] += len(rows) - n_ok
@@ -463,9 +463,14 @@ class Service:
             try:
                 place(item.path, dest)
             except FileExistsError:
-                if not (dest.exists() and os.path.samefile(item.path, dest)):
-                    raise
-                os.unlink(item.path)  # a crash after link, before unlink: already there
+                if os.path.lexists(dest) and os.path.samestat(os.lstat(item.path), os.lstat(dest)):
+                    os.unlink(item.path)  # a crash after link, before unlink: already there
+                else:
+                    # another instance took the name between plan and move (shared inbox):
+                    # keep both files; the row names the planned path, the log the real one
+                    other = plan_destination(dest.parent, PurePosixPath(dest.name), item.sha256 or "0" * 8)
+                    log.warning("destination_taken", file=str(item.rel), planned=str(dest), used=str(other))
+                    place(item.path, other)
         if item.claim_dir is not None:
             shutil.rmtree(item.claim_dir, ignore_errors=True)
 

@@ -1,0 +1,31 @@
+"""Crash injection for the crash-safety tests: ``XRAY_WATCHER_CRASH_AT=point[:n]``.
+
+When the variable names a point, the process kills itself with SIGKILL the n-th time
+(default 1st) it reaches that point, exactly as a power cut or ``kill -9`` would. Unset (as
+in production), ``hit()`` is a dictionary lookup and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_SPEC = os.environ.get("XRAY_WATCHER_CRASH_AT", "")
+_POINT, _, _NTH = _SPEC.partition(":")
+_COUNT = int(_NTH) if _NTH.isdigit() else 1
+_hits = 0
+_lock = threading.Lock()
+
+POINTS = ("claimed", "decoded", "rows_written", "linked", "placed")
+
+
+def hit(point: str) -> None:
+    """Mark that ``point`` was reached; SIGKILL ourselves if it is the armed one."""
+    global _hits
+    if point != _POINT:
+        return
+    with _lock:
+        _hits += 1
+        if _hits >= _COUNT:
+            os.kill(os.getpid(), signal.SIGKILL)
