@@ -83,6 +83,16 @@ class TestCalibration:
         y = (rng.random(p.size) < p).astype(int)
         assert pytest.approx(1.0, abs=0.08) == ev.fit_temperature(y, p)
 
+    def test_platt_recovers_scale_and_shift(self) -> None:
+        """Scores that are sigmoid((z - 1) * 2) of a calibrated logit z give a = 0.5, c = 1."""
+        rng = np.random.default_rng(4)
+        z = rng.normal(0.5, 2, 40_000)
+        y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+        skewed = 1 / (1 + np.exp(-(z - 1.0) * 2.0))
+        a, c = ev.fit_platt(y, skewed)
+        assert pytest.approx(0.5, rel=0.05) == a
+        assert pytest.approx(1.0, rel=0.08) == c
+
     def test_matches_serving_transform(self) -> None:
         """``apply_temperature`` is exactly what ``inference.calibrate`` serves."""
         from watcher.inference import calibrate

@@ -69,6 +69,7 @@ class TestTrain:
         assert version == meta["version"]
         assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
         assert 0 < meta["threshold"] < 1 and meta["temperature"] > 0
+        assert pytest.approx(meta["temperature"]) == meta["calibration"]["temperature"]
         assert meta["training"]["split"]["method"] == "era"
         assert meta["training"]["images"] == {"NORMAL": 8, "PNEUMONIA": 9}
         assert {"python", "tensorflow", "keras", "numpy", "opencv"} <= set(meta["library_versions"])

@@ -37,20 +37,32 @@ class ArchDefaults:
 ARCHS: dict[str, ArchDefaults] = {
     "seed": ArchDefaults(
         spec=PreprocessSpec(150, 150),
-        epochs=10, batch_size=32, learning_rate=1e-3, weight_decay=1e-4, augment=False,
+        epochs=10,
+        batch_size=32,
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        augment=False,
         description="seed CNN: 5x(Conv2D 3x3 relu + MaxPool) 32-64-128-128-128, Flatten, "
-                    "Dropout 0.5, Dense 512 relu, Dense 1 sigmoid",
+        "Dropout 0.5, Dense 512 relu, Dense 1 sigmoid",
     ),
     "dsnet": ArchDefaults(
         spec=PreprocessSpec(128, 128, equalize="clahe"),
-        epochs=30, batch_size=32, learning_rate=2e-3, weight_decay=1e-4, augment=True,
+        epochs=30,
+        batch_size=32,
+        learning_rate=2e-3,
+        weight_decay=1e-4,
+        augment=True,
         description="depthwise-separable CNN: Conv 3x3/2 stem 32, 4 blocks of 2x SeparableConv 3x3 "
-                    "+ BN + ReLU + MaxPool (48-96-160-256), GlobalAveragePooling, Dropout 0.3, "
-                    "Dense 1 sigmoid",
+        "+ BN + ReLU + MaxPool (48-96-160-256), GlobalAveragePooling, Dropout 0.3, "
+        "Dense 1 sigmoid",
     ),
     "tiny": ArchDefaults(
         spec=PreprocessSpec(32, 32),
-        epochs=1, batch_size=8, learning_rate=1e-3, weight_decay=1e-4, augment=True,
+        epochs=1,
+        batch_size=8,
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        augment=True,
         description="test-only: Conv 3x3 8, GlobalAveragePooling, Dense 1 sigmoid",
     ),
 }

@@ -128,9 +128,15 @@ def reliability_bins(y_true: npt.ArrayLike, probs: npt.ArrayLike, n_bins: int = 
     for b in range(n_bins):
         mask = bins == b
         n = int(mask.sum())
-        out.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": n,
-                    "mean_probability": float(p[mask].mean()) if n else float("nan"),
-                    "observed_rate": float(y[mask].mean()) if n else float("nan")})
+        out.append(
+            {
+                "lo": b / n_bins,
+                "hi": (b + 1) / n_bins,
+                "count": n,
+                "mean_probability": float(p[mask].mean()) if n else float("nan"),
+                "observed_rate": float(y[mask].mean()) if n else float("nan"),
+            }
+        )
     return out
 
 
@@ -152,9 +158,15 @@ def binary_metrics(y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float
     }
 
 
-def bootstrap_ci(y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float,
-                 groups: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap_ci(
+    y_true: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    threshold: float,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of ``binary_metrics``.
 
     With ``groups`` (patient ids) whole patients are resampled, since images of one
@@ -185,8 +197,11 @@ def bootstrap_ci(y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float,
     for k, vals in samples.items():
         arr = np.array(vals, dtype=np.float64)
         arr = arr[np.isfinite(arr)]
-        out[k] = ([float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))]
-                  if arr.size else [float("nan"), float("nan")])
+        out[k] = (
+            [float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))]
+            if arr.size
+            else [float("nan"), float("nan")]
+        )
     return out
 
 
@@ -213,8 +228,9 @@ def nll(y_true: npt.ArrayLike, probs: npt.ArrayLike) -> float:
     return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
 
 
-def fit_temperature(y_true: npt.ArrayLike, raw_probs: npt.ArrayLike,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(
+    y_true: npt.ArrayLike, raw_probs: npt.ArrayLike, bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
     """The temperature minimising validation NLL (golden-section search over log T)."""
     y, p = _arrays(y_true, raw_probs)
     if y.size == 0 or len(np.unique(y)) < 2:
@@ -242,6 +258,47 @@ def fit_temperature(y_true: npt.ArrayLike, raw_probs: npt.ArrayLike,
     return float(math.exp((a + b) / 2))
 
 
+def fit_platt(y_true: npt.ArrayLike, raw_probs: npt.ArrayLike, iterations: int = 100) -> tuple[float, float]:
+    """Platt scaling ``sigmoid(a * logit(p) + c)`` fitted by Newton's method; returns (a, c).
+
+    Written for serving as a temperature ``T = 1 / a`` plus a shift ``c / a`` of the model's
+    output logit (folded into the output layer's bias): ``sigmoid((logit + c / a) / T)``.
+    The shift undoes the prior change that balanced class weights bring, which a temperature
+    alone cannot. Falls back to (1, 0) when there is a single class.
+    """
+    y, p = _arrays(y_true, raw_probs)
+    if y.size == 0 or len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    z = _logit(p)
+    feats = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(v: FloatArray) -> float:
+        u = feats @ v
+        return float(np.mean(np.logaddexp(0.0, u) - y * u))
+
+    w = np.array([1.0, 0.0])
+    current = loss(w)
+    for _ in range(iterations):
+        q = 1.0 / (1.0 + np.exp(-(feats @ w)))
+        grad = feats.T @ (q - y) / y.size
+        hess = (feats * (q * (1 - q))[:, None]).T @ feats / y.size + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-6:  # backtracking: Newton from a saturated start overshoots
+            trial = w - scale * step
+            trial_loss = loss(trial)
+            if trial_loss <= current:
+                break
+            scale /= 2
+        else:
+            break
+        converged = current - trial_loss < 1e-12
+        w, current = trial, trial_loss
+        if converged:
+            break
+    return float(w[0]), float(w[1])
+
+
 def choose_threshold(y_true: npt.ArrayLike, probs: npt.ArrayLike, min_sensitivity: float = 0.95) -> float:
     """Max Youden J subject to sensitivity >= ``min_sensitivity`` (see module docstring)."""
     y, p = _arrays(y_true, probs)
@@ -261,8 +318,14 @@ def choose_threshold(y_true: npt.ArrayLike, probs: npt.ArrayLike, min_sensitivit
     return float(min(max(value, 1e-4), 1 - 1e-4))
 
 
-def full_report(y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float,
-                groups: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def full_report(
+    y_true: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    threshold: float,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Metrics at ``threshold`` with bootstrap 95% CIs, confusion matrix, counts, reliability bins."""
     y, p = _arrays(y_true, probs)
     metrics = binary_metrics(y, p, threshold)
@@ -276,8 +339,11 @@ def full_report(y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float,
         "ci95": bootstrap_ci(y, p, threshold, groups, n_boot=n_boot, seed=seed),
         "bootstrap": {"n": n_boot, "unit": "patient" if groups is not None else "image"},
         "at_0.5": binary_metrics(y, p, 0.5),
-        "confusion_matrix": {"rows_true": list(CLASS_NAMES), "cols_predicted": list(CLASS_NAMES),
-                             "matrix": confusion_matrix(y, p, threshold)},
+        "confusion_matrix": {
+            "rows_true": list(CLASS_NAMES),
+            "cols_predicted": list(CLASS_NAMES),
+            "matrix": confusion_matrix(y, p, threshold),
+        },
         "reliability": reliability_bins(y, p),
     }
 
@@ -323,8 +389,7 @@ def plot_roc(y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float, path
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC {m['roc_auc']:.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.plot([1 - m["specificity"]], [m["sensitivity"]], "o", color="red",
-            label=f"threshold {threshold:.3f}")
+    ax.plot([1 - m["specificity"]], [m["sensitivity"]], "o", color="red", label=f"threshold {threshold:.3f}")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title("ROC (PNEUMONIA positive)")
@@ -343,8 +408,15 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Path) -> None:
     ax.imshow(arr, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(arr[i, j]), ha="center", va="center",
-                    color="white" if arr[i, j] > arr.max() / 2 else "black", fontsize=14)
+            ax.text(
+                j,
+                i,
+                str(arr[i, j]),
+                ha="center",
+                va="center",
+                color="white" if arr[i, j] > arr.max() / 2 else "black",
+                fontsize=14,
+            )
     ax.set_xticks([0, 1], labels=list(CLASS_NAMES))
     ax.set_yticks([0, 1], labels=list(CLASS_NAMES))
     ax.set_xlabel("predicted")
@@ -364,8 +436,14 @@ def plot_reliability(y_true: npt.ArrayLike, probs: npt.ArrayLike, path: Path) ->
     xs = [b["mean_probability"] for b in bins if b["count"]]
     ys = [b["observed_rate"] for b in bins if b["count"]]
     ax.plot(xs, ys, "o-", label=f"ECE {ece:.3f}")
-    ax.bar([b["lo"] + 0.05 for b in bins], [b["count"] / max(len(np.asarray(probs)), 1) for b in bins],
-           width=0.1, alpha=0.2, color="grey", label="share of images")
+    ax.bar(
+        [b["lo"] + 0.05 for b in bins],
+        [b["count"] / max(len(np.asarray(probs)), 1) for b in bins],
+        width=0.1,
+        alpha=0.2,
+        color="grey",
+        label="share of images",
+    )
     ax.set_xlabel("predicted probability of PNEUMONIA")
     ax.set_ylabel("observed PNEUMONIA rate")
     ax.set_xlim(0, 1)
@@ -380,8 +458,13 @@ def plot_reliability(y_true: npt.ArrayLike, probs: npt.ArrayLike, path: Path) ->
 PLOT_FILES = ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png")
 
 
-def write_plots(report_dir: Path, y_true: npt.ArrayLike, probs: npt.ArrayLike, threshold: float,
-                history: Mapping[str, Sequence[float]] | None = None) -> list[str]:
+def write_plots(
+    report_dir: Path,
+    y_true: npt.ArrayLike,
+    probs: npt.ArrayLike,
+    threshold: float,
+    history: Mapping[str, Sequence[float]] | None = None,
+) -> list[str]:
     """ROC, confusion matrix, reliability diagram (and training curves with a history)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -398,8 +481,13 @@ def write_plots(report_dir: Path, y_true: npt.ArrayLike, probs: npt.ArrayLike, t
 # ------------------------------------------------------------ folder evaluation
 
 
-def evaluate_folder(predictor: Predictor, data_dir: Path, report_dir: Path | None = None,
-                    batch_size: int = 32, n_boot: int = 1000) -> dict[str, Any]:
+def evaluate_folder(
+    predictor: Predictor,
+    data_dir: Path,
+    report_dir: Path | None = None,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
     """Score every image under ``data_dir/NORMAL`` and ``data_dir/PNEUMONIA`` with ``predictor``.
 
     Unreadable files are logged, counted and skipped (listed under ``skipped``). With
@@ -412,8 +500,9 @@ def evaluate_folder(predictor: Predictor, data_dir: Path, report_dir: Path | Non
     data_dir = Path(data_dir)
     missing = [c for c in CLASS_NAMES if not (data_dir / c).is_dir()]
     if missing:
-        raise EvaluationError(f"{data_dir} must hold NORMAL/ and PNEUMONIA/ subfolders; missing: "
-                              f"{', '.join(missing)}")
+        raise EvaluationError(
+            f"{data_dir} must hold NORMAL/ and PNEUMONIA/ subfolders; missing: {', '.join(missing)}"
+        )
     samples = list_samples(data_dir)
     if not samples:
         raise EvaluationError(f"no images (.jpeg/.jpg/.png/.dcm) under {data_dir}/NORMAL or /PNEUMONIA")
@@ -431,7 +520,7 @@ def evaluate_folder(predictor: Predictor, data_dir: Path, report_dir: Path | Non
     skipped: list[dict[str, str]] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
+            chunk = samples[start : start + batch_size]
             loaded = list(pool.map(load, [s.path for s in chunk]))
             good = [(s, x) for s, x in zip(chunk, loaded, strict=True) if not isinstance(x, str)]
             for s, x in zip(chunk, loaded, strict=True):
@@ -447,8 +536,15 @@ def evaluate_folder(predictor: Predictor, data_dir: Path, report_dir: Path | Non
     if not labels:
         raise EvaluationError(f"none of the {len(samples)} images under {data_dir} could be decoded")
     report = full_report(labels, probs, predictor.threshold, groups, n_boot=n_boot)
-    report.update({"data": str(data_dir), "model_version": predictor.version,
-                   "temperature": predictor.temperature, "n_skipped": len(skipped), "skipped": skipped})
+    report.update(
+        {
+            "data": str(data_dir),
+            "model_version": predictor.version,
+            "temperature": predictor.temperature,
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+        }
+    )
     if report_dir is not None:
         report_dir = Path(report_dir)
         write_plots(report_dir, labels, probs, predictor.threshold)
@@ -466,10 +562,12 @@ def format_report(metrics: Mapping[str, Any]) -> str:
         head.append(f"data {metrics['data']}")
     if head:
         lines.append(", ".join(head))
-    lines.append(f"images: {metrics['n_images']} ({metrics['n_normal']} NORMAL, "
-                 f"{metrics['n_pneumonia']} PNEUMONIA)"
-                 + (f", {metrics['n_skipped']} skipped (unreadable)" if metrics.get("n_skipped") else "")
-                 + (f", {metrics['n_patients']} patients" if metrics.get("n_patients") else ""))
+    lines.append(
+        f"images: {metrics['n_images']} ({metrics['n_normal']} NORMAL, "
+        f"{metrics['n_pneumonia']} PNEUMONIA)"
+        + (f", {metrics['n_skipped']} skipped (unreadable)" if metrics.get("n_skipped") else "")
+        + (f", {metrics['n_patients']} patients" if metrics.get("n_patients") else "")
+    )
     lines.append(f"threshold: {metrics['threshold']:.4f}")
     ci = metrics.get("ci95", {})
     for name in METRIC_NAMES:

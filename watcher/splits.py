@@ -125,8 +125,11 @@ def list_samples(data_dir: Path) -> list[Sample]:
         folder = data_dir / cls
         if not folder.is_dir():
             continue
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         out.extend(Sample(p, label) for p in files)
     return out
 
@@ -158,8 +161,9 @@ def _n_val(val_fraction: float, n_groups: int) -> int:
     return min(max(round(val_fraction * n_groups), 1), n_groups - 1)
 
 
-def split_samples(samples: Sequence[Sample], method: str = "era", val_fraction: float = 0.2,
-                  seed: int = 1337) -> Split:
+def split_samples(
+    samples: Sequence[Sample], method: str = "era", val_fraction: float = 0.2, seed: int = 1337
+) -> Split:
     """Split samples by patient, per class; deterministic for a given method and seed."""
     if method not in SPLIT_METHODS:
         raise ValueError(f"unknown split method {method!r} (expected one of {SPLIT_METHODS})")
@@ -168,8 +172,11 @@ def split_samples(samples: Sequence[Sample], method: str = "era", val_fraction: 
     rng = random.Random(seed)
     unknown = sorted({s.path.name for s in samples if patient_key(s.path.name).series == ""})
     for name in unknown[:20]:
-        log.warning("split_unknown_file_name", file=name,
-                    hint="no patient id in the name; the file forms a patient group of its own")
+        log.warning(
+            "split_unknown_file_name",
+            file=name,
+            hint="no patient id in the name; the file forms a patient group of its own",
+        )
     if len(unknown) > 20:
         log.warning("split_unknown_file_names_more", count=len(unknown) - 20)
     val_groups: set[str] = set()
@@ -180,13 +187,14 @@ def split_samples(samples: Sequence[Sample], method: str = "era", val_fraction: 
         groups = sorted({s.group for s in members})
         if method == "random":
             rng.shuffle(groups)
-            chosen = groups[:_n_val(val_fraction, len(groups))]
+            chosen = groups[: _n_val(val_fraction, len(groups))]
         else:
             scores = _era_scores([s.path.name for s in members])
             tiebreak = {g: rng.random() for g in groups}
 
-            def era_order(g: str, scores: dict[str, float] = scores,
-                          tiebreak: dict[str, float] = tiebreak) -> tuple[float, float]:
+            def era_order(
+                g: str, scores: dict[str, float] = scores, tiebreak: dict[str, float] = tiebreak
+            ) -> tuple[float, float]:
                 return (scores[g.split("/", 1)[1]], tiebreak[g])
 
             dated = [g for g in groups if scores[g.split("/", 1)[1]] != float("inf")]
@@ -197,8 +205,7 @@ def split_samples(samples: Sequence[Sample], method: str = "era", val_fraction: 
         train_patients[cls] = len(groups) - len(chosen)
     train_idx = tuple(i for i, s in enumerate(samples) if s.group not in val_groups)
     val_idx = tuple(i for i, s in enumerate(samples) if s.group in val_groups)
-    return Split(method, seed, val_fraction, train_idx, val_idx, train_patients, val_patients,
-                 len(unknown))
+    return Split(method, seed, val_fraction, train_idx, val_idx, train_patients, val_patients, len(unknown))
 
 
 def leaked_groups(samples: Sequence[Sample], split: Split) -> set[str]:

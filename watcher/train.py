@@ -184,16 +184,21 @@ PROBES: dict[str, tuple[Any, tuple[int, ...]]] = {
     "lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0, 1)),
     "blur_sigma_1.2": (lambda im: cv2.GaussianBlur(im, (0, 0), 1.2), (0, 1)),
     "jpeg_q30": (lambda im: _jpeg(im, 30), (0, 1)),
-    "gamma_0.7": (lambda im: _lut(im, lambda v: v ** 0.7), (0, 1)),
-    "gamma_1.4": (lambda im: _lut(im, lambda v: v ** 1.4), (0, 1)),
+    "gamma_0.7": (lambda im: _lut(im, lambda v: v**0.7), (0, 1)),
+    "gamma_1.4": (lambda im: _lut(im, lambda v: v**1.4), (0, 1)),
     "contrast_0.7": (lambda im: _lut(im, lambda v: (v - 0.5) * 0.7 + 0.5), (0, 1)),
     # the sharpness shortcut: NORMAL images made as soft as the lower-resolution PNEUMONIA originals
     "normal_only_lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0,)),
 }
 
 
-def robustness_report(predict: Any, images: Sequence[GreyImage], labels: npt.NDArray[np.int64],
-                      spec: PreprocessSpec, threshold: float) -> dict[str, dict[str, float]]:
+def robustness_report(
+    predict: Any,
+    images: Sequence[GreyImage],
+    labels: npt.NDArray[np.int64],
+    spec: PreprocessSpec,
+    threshold: float,
+) -> dict[str, dict[str, float]]:
     """Validation metrics at ``threshold`` after fixed acquisition changes (stress tests).
 
     ``predict`` maps a preprocessed batch to calibrated probabilities. A model that relies on
@@ -204,7 +209,7 @@ def robustness_report(predict: Any, images: Sequence[GreyImage], labels: npt.NDA
     for name, (fn, classes) in PROBES.items():
         changed = [fn(img) if int(lab) in classes else img for img, lab in zip(images, labels, strict=True)]
         x = preprocess_all(changed, spec)
-        probs = np.concatenate([predict(x[i:i + 128]) for i in range(0, len(x), 128)])
+        probs = np.concatenate([predict(x[i : i + 128]) for i in range(0, len(x), 128)])
         m = evaluation.binary_metrics(labels, probs, threshold)
         out[name] = {k: round(m[k], 4) for k in ("roc_auc", "accuracy", "sensitivity", "specificity")}
     return out
@@ -215,6 +220,7 @@ def robustness_report(predict: Any, images: Sequence[GreyImage], labels: npt.NDA
 
 def load_images(samples: Sequence[Sample]) -> tuple[list[GreyImage], list[Sample], list[dict[str, str]]]:
     """Decode every sample once; unreadable files are logged and left out."""
+
     def one(s: Sample) -> GreyImage | str:
         try:
             return decode_image(s.path)
@@ -243,9 +249,16 @@ def preprocess_all(images: Sequence[GreyImage], spec: PreprocessSpec) -> npt.NDA
     return out
 
 
-def _make_sequence(images: Sequence[GreyImage], labels: npt.NDArray[np.int64],
-                   weights: npt.NDArray[np.float32], spec: PreprocessSpec, batch_size: int,
-                   seed: int, augment: bool, aug: AugmentOptions) -> Any:
+def _make_sequence(
+    images: Sequence[GreyImage],
+    labels: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float32],
+    spec: PreprocessSpec,
+    batch_size: int,
+    seed: int,
+    augment: bool,
+    aug: AugmentOptions,
+) -> Any:
     """A ``keras.utils.PyDataset`` of augmented, preprocessed, class-weighted batches."""
     import keras
 
@@ -262,7 +275,7 @@ def _make_sequence(images: Sequence[GreyImage], labels: npt.NDArray[np.int64],
             return math.ceil(len(images) / batch_size)
 
         def __getitem__(self, idx: int) -> tuple[Any, Any, Any]:
-            pick = self.order[idx * batch_size:(idx + 1) * batch_size]
+            pick = self.order[idx * batch_size : (idx + 1) * batch_size]
             rng = np.random.default_rng([seed, self.epoch, idx])
             x = np.empty((len(pick), spec.height, spec.width, 1), dtype=np.float32)
             for j, i in enumerate(pick):
@@ -312,8 +325,14 @@ class _BestAndBudget:
                     self.best_weights = self.model.get_weights()
                 else:
                     self.wait += 1
-                log.info("epoch_done", epoch=epoch + 1, val_auc=round(auc, 4), val_loss=round(loss, 4),
-                         best_epoch=self.best_epoch + 1, seconds=round(self.epoch_times[-1], 1))
+                log.info(
+                    "epoch_done",
+                    epoch=epoch + 1,
+                    val_auc=round(auc, 4),
+                    val_loss=round(loss, 4),
+                    best_epoch=self.best_epoch + 1,
+                    seconds=round(self.epoch_times[-1], 1),
+                )
                 if self.wait >= patience:
                     self.stop_reason = f"no val_auc gain for {patience} epochs"
                     self.model.stop_training = True
@@ -334,25 +353,66 @@ def _library_versions() -> dict[str, str]:
     import keras
     import tensorflow as tf
 
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "opencv": cv2.__version__}
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+    }
 
 
 def _check_data(data: Path, samples: Sequence[Sample]) -> None:
     missing = [c for c in CLASS_NAMES if not (data / c).is_dir()]
     if not data.is_dir() or missing:
-        raise TrainingError(f"training folder {data} must hold NORMAL/ and PNEUMONIA/ subfolders; "
-                            f"missing: {', '.join(missing) if data.is_dir() else 'the folder itself'}")
+        raise TrainingError(
+            f"training folder {data} must hold NORMAL/ and PNEUMONIA/ subfolders; "
+            f"missing: {', '.join(missing) if data.is_dir() else 'the folder itself'}"
+        )
     for label, cls in enumerate(CLASS_NAMES):
         groups = {s.group for s in samples if s.label == label}
         if len(groups) < MIN_PATIENTS_PER_CLASS:
-            raise TrainingError(f"{data / cls} has images of {len(groups)} patient(s); at least "
-                                f"{MIN_PATIENTS_PER_CLASS} per class are needed for a patient-level "
-                                "validation split")
+            raise TrainingError(
+                f"{data / cls} has images of {len(groups)} patient(s); at least "
+                f"{MIN_PATIENTS_PER_CLASS} per class are needed for a patient-level "
+                "validation split"
+            )
 
 
-def compare_with_current(store: Path, new_auc: float, val_images: Sequence[GreyImage],
-                          val_labels: npt.NDArray[np.int64], split_summary: dict[str, Any]) -> dict[str, Any]:
+def _calibrate_model(
+    model: Any, y_val: npt.NDArray[np.int64], raw: npt.NDArray[np.float64]
+) -> dict[str, Any]:
+    """Platt-scale on validation: the logit shift is folded into the output bias, T is returned.
+
+    Falls back to a plain temperature when the model has no final sigmoid Dense layer with a
+    bias, or the fitted slope is not positive.
+    """
+    a, c = evaluation.fit_platt(y_val, raw)
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if a <= 0 or not getattr(last, "use_bias", False) or activation != "sigmoid":
+        t = evaluation.fit_temperature(y_val, raw)
+        return {"method": "temperature scaling (NLL on validation)", "temperature": t, "logit_shift": 0.0}
+    shift = c / a
+    kernel, bias = last.get_weights()
+    last.set_weights([kernel, bias + np.float32(shift)])
+    return {
+        "method": "Platt scaling (NLL on validation): the logit shift is folded into the output "
+        "layer's bias, the slope is served as 1 / temperature",
+        "temperature": 1.0 / a,
+        "logit_shift": shift,
+        "platt_a": a,
+        "platt_c": c,
+    }
+
+
+def compare_with_current(
+    store: Path,
+    new_auc: float,
+    val_images: Sequence[GreyImage],
+    val_labels: npt.NDArray[np.int64],
+    split_summary: dict[str, Any],
+) -> dict[str, Any]:
     """Score the current version on this run's validation images."""
     from watcher.inference import Predictor
 
@@ -363,7 +423,7 @@ def compare_with_current(store: Path, new_auc: float, val_images: Sequence[GreyI
     try:
         pred = Predictor(store, current)
         x = preprocess_all(val_images, pred.spec)
-        probs = np.concatenate([pred.probabilities(x[i:i + 64]) for i in range(0, len(x), 64)])
+        probs = np.concatenate([pred.probabilities(x[i : i + 64]) for i in range(0, len(x), 64)])
         cur_auc = evaluation.roc_auc(val_labels, probs)
     except ModelStoreError as exc:
         return {"current": current, "promote": True, "reason": f"current version unusable: {exc}"}
@@ -371,12 +431,21 @@ def compare_with_current(store: Path, new_auc: float, val_images: Sequence[GreyI
     same_split = all(cur_split.get(k) == split_summary.get(k) for k in ("method", "seed", "val_fraction"))
     better = bool(new_auc > cur_auc)
     return {
-        "current": current, "current_val_auc": cur_auc, "new_val_auc": new_auc, "promote": better,
+        "current": current,
+        "current_val_auc": cur_auc,
+        "new_val_auc": new_auc,
+        "promote": better,
         "current_trained_on_same_split": same_split,
-        "reason": (f"new val AUC {new_auc:.4f} {'>' if better else '<='} current {current} "
-                   f"{cur_auc:.4f} on this validation split"
-                   + ("" if same_split else " (current was trained on a different split, so it may "
-                      "have seen some of these patients: its score is optimistic)")),
+        "reason": (
+            f"new val AUC {new_auc:.4f} {'>' if better else '<='} current {current} "
+            f"{cur_auc:.4f} on this validation split"
+            + (
+                ""
+                if same_split
+                else " (current was trained on a different split, so it may "
+                "have seen some of these patients: its score is optimistic)"
+            )
+        ),
     }
 
 
@@ -414,40 +483,72 @@ def train(opts: TrainOptions) -> str:
     val_images = [images[i] for i in va]
     x_val = preprocess_all(val_images, spec)
     y_val = labels[va]
-    seq = _make_sequence(train_images, labels[tr], weights[tr], spec, batch_size, opts.seed, augment,
-                         opts.augmentation)
+    seq = _make_sequence(
+        train_images, labels[tr], weights[tr], spec, batch_size, opts.seed, augment, opts.augmentation
+    )
 
     model = architectures.build(opts.arch, spec)
     steps = len(seq) * epochs
     warmup = min(len(seq), steps // 4)
-    schedule = keras.optimizers.schedules.CosineDecay(lr / 10, decay_steps=max(steps - warmup, 1), alpha=0.02,
-                                                      warmup_target=lr, warmup_steps=warmup)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        lr / 10, decay_steps=max(steps - warmup, 1), alpha=0.02, warmup_target=lr, warmup_steps=warmup
+    )
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=arch_def.weight_decay)
-    model.compile(optimizer=optimizer, loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+    model.compile(
+        optimizer=optimizer,
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
     tracker = _BestAndBudget.make(opts.patience, opts.time_budget_s, started)
     verbose = opts.verbose if opts.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    log.info("train_start", arch=opts.arch, parameters=model.count_params(), epochs=epochs,
-             batch_size=batch_size, learning_rate=lr, augment=augment, spec=spec.to_dict(),
-             class_weight=class_weight)
-    history = model.fit(seq, validation_data=(x_val, y_val.astype(np.float32)), epochs=epochs,
-                        callbacks=[tracker], verbose=verbose)
+    log.info(
+        "train_start",
+        arch=opts.arch,
+        parameters=model.count_params(),
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        augment=augment,
+        spec=spec.to_dict(),
+        class_weight=class_weight,
+    )
+    history = model.fit(
+        seq,
+        validation_data=(x_val, y_val.astype(np.float32)),
+        epochs=epochs,
+        callbacks=[tracker],
+        verbose=verbose,
+    )
     fit_s = time.monotonic() - started
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
-    raw = np.concatenate([np.asarray(model.predict_on_batch(x_val[i:i + 64])).reshape(-1)
-                          for i in range(0, len(x_val), 64)])
-    temperature = evaluation.fit_temperature(y_val, raw)
+    def raw_scores(m: Any) -> npt.NDArray[np.float64]:
+        return np.concatenate(
+            [
+                np.asarray(m.predict_on_batch(x_val[i : i + 64]), dtype=np.float64).reshape(-1)
+                for i in range(0, len(x_val), 64)
+            ]
+        )
+
+    raw_before = raw_scores(model)
+    calibration = _calibrate_model(model, y_val, raw_before)
+    temperature = float(calibration["temperature"])
+    raw = raw_scores(model)
     probs = evaluation.apply_temperature(raw, temperature)
     threshold = evaluation.choose_threshold(y_val, probs, opts.min_sensitivity)
     groups = [samples[i].group for i in va]
     report = evaluation.full_report(y_val, probs, threshold, groups, n_boot=opts.n_boot, seed=opts.seed)
-    report["uncalibrated"] = {"ece": evaluation.expected_calibration_error(y_val, raw),
-                              "nll": evaluation.nll(y_val, raw)}
+    report["uncalibrated"] = {
+        "ece": evaluation.expected_calibration_error(y_val, raw_before),
+        "nll": evaluation.nll(y_val, raw_before),
+    }
+    report["calibration"] = calibration
     report["calibrated_nll"] = evaluation.nll(y_val, probs)
     report["temperature"] = temperature
-    report["threshold_rule"] = (f"max Youden J subject to validation sensitivity >= {opts.min_sensitivity}, "
-                                "midpoint to the next lower score")
+    report["threshold_rule"] = (
+        f"max Youden J subject to validation sensitivity >= {opts.min_sensitivity}, "
+        "midpoint to the next lower score"
+    )
     report["split"] = split.summary()
 
     def predict_calibrated(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -474,6 +575,7 @@ def train(opts: TrainOptions) -> str:
             "preprocessing": spec.to_dict(),
             "threshold": threshold,
             "temperature": temperature,
+            "calibration": calibration,
             "architecture": opts.arch,
             "architecture_description": arch_def.description,
             "input_shape": [spec.height, spec.width, 1],
@@ -493,20 +595,29 @@ def train(opts: TrainOptions) -> str:
                 "time_budget_s": opts.time_budget_s,
                 "seed": opts.seed,
                 "batch_size": batch_size,
-                "optimizer": {"name": "AdamW", "learning_rate": lr, "weight_decay": arch_def.weight_decay,
-                              "schedule": f"linear warm-up from lr/10 over {warmup} steps, then cosine "
-                                          f"decay over {steps - warmup} steps to 2% of lr"},
+                "optimizer": {
+                    "name": "AdamW",
+                    "learning_rate": lr,
+                    "weight_decay": arch_def.weight_decay,
+                    "schedule": f"linear warm-up from lr/10 over {warmup} steps, then cosine "
+                    f"decay over {steps - warmup} steps to 2% of lr",
+                },
                 "loss": "binary cross-entropy, balanced class weights",
                 "class_weights": {CLASS_NAMES[k]: v for k, v in class_weight.items()},
                 "augmentation": asdict(opts.augmentation) if augment else None,
                 "early_stopping": "best epoch by validation ROC AUC (ties: lower val loss), weights restored",
                 "epoch_seconds": [round(t, 1) for t in tracker.epoch_times],
             },
-            "validation": {"split": split.method, "threshold_rule": report["threshold_rule"],
-                           **{k: report["metrics"][k] for k in evaluation.METRIC_NAMES},
-                           "ci95": report["ci95"], "uncalibrated_ece": report["uncalibrated"]["ece"],
-                           "n_images": report["n_images"], "n_patients": report["n_patients"],
-                           "robustness": report["robustness"]},
+            "validation": {
+                "split": split.method,
+                "threshold_rule": report["threshold_rule"],
+                **{k: report["metrics"][k] for k in evaluation.METRIC_NAMES},
+                "ci95": report["ci95"],
+                "uncalibrated_ece": report["uncalibrated"]["ece"],
+                "n_images": report["n_images"],
+                "n_patients": report["n_patients"],
+                "robustness": report["robustness"],
+            },
             "promotion": comparison,
             "fit_time_s": round(fit_s, 1),
             "training_time_s": round(training_time, 1),
@@ -516,16 +627,23 @@ def train(opts: TrainOptions) -> str:
 
         def stamp(version: str) -> None:
             metadata["version"] = version
-            (build / model_store.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n",
-                                                            encoding="utf-8")
+            (build / model_store.METADATA_FILE).write_text(
+                json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
+            )
 
         stamp("unpublished")
         version = model_store.publish(store, build, stamp=stamp)
     except BaseException:
         model_store.remove_build(build)
         raise
-    log.info("train_published", version=version, val=report["metrics"], threshold=threshold,
-             temperature=temperature, training_time_s=round(training_time, 1))
+    log.info(
+        "train_published",
+        version=version,
+        val=report["metrics"],
+        threshold=threshold,
+        temperature=temperature,
+        training_time_s=round(training_time, 1),
+    )
     if opts.promote:
         model_store.set_current(store, version, reason="train --promote")
     elif comparison["promote"]:
