@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--arch", help="architecture (default: the recommended one; 'seed' for the seed CNN)")
     tr.add_argument("--seed", type=int, default=1337)
+    tr.add_argument(
+        "--split",
+        choices=["era", "random"],
+        default="era",
+        help="patient-level validation split: era (oldest patients held out) or random",
+    )
+    tr.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="stop training before an epoch would end past this wall time",
+    )
     tr.add_argument("--promote", action="store_true", help="make the new version current whatever it scores")
 
     models = sub.add_parser("models", help="list, promote or roll back model versions")
@@ -157,6 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "seed": args.seed,
         "promote": args.promote,
+        "split": args.split,
+        "time_budget_s": args.time_budget,
     }
     if args.arch:
         kwargs["arch"] = args.arch
