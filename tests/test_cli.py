@@ -1,0 +1,90 @@
+"""The command line as a user runs it: real subprocesses, real files, a tiny real model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TRAIN_FIXTURES, fixture_images, publish_tiny
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", *args], capture_output=True, text=True, timeout=180, cwd=cwd
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "store"
+    path.mkdir()
+    publish_tiny(path, threshold=0.5)
+    publish_tiny(path, bias=-8.0, threshold=0.6)
+    return path
+
+
+class TestPredict:
+    def test_prints_csv_rows_and_moves_nothing(self, store: Path, tmp_path: Path) -> None:
+        """predict writes one CSV row per file to stdout (logs elsewhere) and leaves files alone."""
+        good = fixture_images()[0]
+        bad = tmp_path / "bad, name.jpg"
+        bad.write_bytes(b"not an image at all")
+        proc = cli("predict", "--store", str(store), str(good), str(bad))
+        assert 1 == proc.returncode  # one file failed
+        rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+        assert [str(good), str(bad)] == [r["file"] for r in rows]
+        assert ["ok", "failed"] == [r["status"] for r in rows]
+        assert "v0002" == rows[0]["model_version"]
+        assert 0.0 <= float(rows[0]["probability"]) <= 1.0
+        assert "the file is text, not an image" in rows[1]["error"]
+        assert good.exists() and bad.exists()
+
+
+class TestModels:
+    def test_list_promote_rollback(self, store: Path, tmp_path: Path) -> None:
+        """models list marks the current version; promote and rollback move the pointer."""
+        import shutil
+
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        listing = cli("models", "--store", str(mine), "list")
+        assert 0 == listing.returncode, listing.stderr
+        assert "* v0002" in listing.stdout
+        assert "v0001" in listing.stdout
+        assert "v0001" == cli("models", "--store", str(mine), "rollback").stdout.strip()
+        assert "v0001" == (mine / "CURRENT").read_text().strip()
+        assert 0 == cli("models", "--store", str(mine), "promote", "v0002").returncode
+        assert "v0002" == (mine / "CURRENT").read_text().strip()
+        bad = cli("models", "--store", str(mine), "promote", "v0099")
+        assert 1 == bad.returncode
+        assert "no published version" in bad.stderr
+
+
+class TestEvaluate:
+    def test_json_metrics_on_a_labelled_folder(self, store: Path, tmp_path: Path) -> None:
+        """evaluate --json prints the metrics and --report writes metrics.json and plots."""
+        proc = cli(
+            "evaluate",
+            "--store",
+            str(store),
+            "--data",
+            str(TRAIN_FIXTURES),
+            "--json",
+            "--report",
+            str(tmp_path / "rep"),
+        )
+        assert 0 == proc.returncode, proc.stderr
+        metrics = json.loads(proc.stdout)
+        n = len(fixture_images())
+        flat = json.dumps(metrics)
+        for key in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+            assert key in flat
+        assert (tmp_path / "rep" / "metrics.json").is_file()
+        assert list((tmp_path / "rep").glob("*.png"))
+        assert str(n) in flat
