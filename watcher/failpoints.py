@@ -2,7 +2,8 @@
 
 When the variable names a point, the process kills itself with SIGKILL the n-th time
 (default 1st) it reaches that point, exactly as a power cut or ``kill -9`` would. Unset (as
-in production), ``hit()`` is a dictionary lookup and nothing else.
+in production), ``hit()`` is a string comparison and nothing else. ``torn_write`` (in the
+results append) first writes half of the rows, as a kill in the middle of the write would.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _COUNT = int(_NTH) if _NTH.isdigit() else 1
 _hits = 0
 _lock = threading.Lock()
 
-POINTS = ("claimed", "decoded", "rows_written", "linked", "placed")
+POINTS = ("claimed", "decoded", "torn_write", "rows_written", "linked", "placed")
 
 
 def hit(point: str) -> None:
@@ -28,4 +29,20 @@ def hit(point: str) -> None:
     with _lock:
         _hits += 1
         if _hits >= _COUNT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def torn_write(fd: int, data: bytes) -> None:
+    """If 'torn_write' is armed: the n-th call writes half of ``data`` to ``fd`` and dies.
+
+    This is what a kill or power cut in the middle of a results.csv append leaves behind.
+    """
+    global _hits
+    if _POINT != "torn_write":
+        return
+    with _lock:
+        _hits += 1
+        if _hits >= _COUNT:
+            os.write(fd, data[: len(data) // 2])
+            os.fsync(fd)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -3,7 +3,8 @@
 ``plan_destination`` picks a free name (the relative path kept; on a clash a short content
 hash, then a counter, goes before the extension). ``place`` moves the file there with
 ``os.link`` + ``unlink``, which fails rather than replaces if the name was taken meanwhile,
-and falls back to copy + fsync + link across filesystems.
+and falls back to copy + fsync + link across filesystems. ``link_into`` is the first half
+of ``place``, for callers that make a whole batch of links durable with one folder fsync.
 """
 
 from __future__ import annotations
@@ -32,15 +33,29 @@ def plan_destination(root: Path, rel: PurePosixPath, sha256: str) -> Path:
     return tagged
 
 
-def place(src: Path, dest: Path) -> None:
-    """Move ``src`` to ``dest``; raises FileExistsError if ``dest`` exists, never overwrites."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def link_into(src: Path, dest: Path) -> None:
+    """Give ``src`` the second name ``dest`` (a copy across filesystems); never overwrites.
+
+    Raises FileExistsError only if ``dest`` itself exists. Not yet durable: fsync
+    ``dest.parent`` before removing ``src``.
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a regular file sits where a folder should be
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"cannot create folder {dest.parent}: a file of that name is in the way"
+        ) from None
     try:
         os.link(src, dest, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
             raise
         _copy_across(src, dest)
+
+
+def place(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``; raises FileExistsError if ``dest`` exists, never overwrites."""
+    link_into(src, dest)
     fsync_dir(dest.parent)
     failpoints.hit("linked")
     os.unlink(src)

@@ -52,11 +52,15 @@ def is_candidate(inbox: Path, path: Path, extensions: tuple[str, ...]) -> bool:
 
 
 def scan_inbox(inbox: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
-    """Every candidate file under the inbox, hidden folders pruned, links not followed."""
+    """Every candidate file under the inbox, hidden folders pruned, links not followed.
+
+    A link to a folder is a candidate like any other link (never entered): its name decides.
+    """
     for root, dirs, files in os.walk(inbox, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         root_path = Path(root)
-        for name in sorted(files):
+        links = [d for d in dirs if (root_path / d).is_symlink()]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
+        for name in sorted(files + links):
             path = root_path / name
             if is_candidate(inbox, path, extensions):
                 yield path

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from watcher import failpoints
 from watcher.errors import ReportError
 
 log = structlog.get_logger()
@@ -138,6 +139,7 @@ class ResultsWriter:
             try:
                 if before == 0:
                     os.write(fd, _header())
+                failpoints.torn_write(fd, payload)
                 written = os.write(fd, payload)
                 if written != len(payload):
                     raise OSError(28, f"short write ({written} of {len(payload)} bytes)")

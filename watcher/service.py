@@ -2,25 +2,27 @@
 
 Order of operations for one file (see README "Guarantees"):
 
-1. **claim**: ``os.rename`` from the inbox into ``inbox/.xray-watcher/<instance>/claimed/<id>/<rel>``.
-   Only one process can win the rename, so two instances never take the same file.
+1. **claim**: ``os.rename`` from the inbox into ``inbox/.xray-watcher/<instance>/claimed/<id>/<rel>``
+   (one claim id per batch). Only one process can win the rename, so two instances never
+   take the same file.
 2. **read + decode + preprocess** in a worker thread (only claimed files are read).
 3. **predict** the batch; **plan** each destination (a free name, never an existing one).
 4. **append** the batch's rows to results.csv (one write, fsync).
-5. **place** each file at its destination (link + unlink; never overwrite), then drop its claim folder.
+5. **place** the batch: link every file at its destination (never overwrite), fsync each
+   destination folder once, then unlink the claimed names and remove emptied claim folders.
 
 A crash leaves files only in the claim folder; at start-up ``recover`` re-files those whose
-row is already in results.csv (same relative path and sha256) and re-processes the others,
-so each file gets exactly one row and ends in exactly one place.
+row is already in results.csv (same claim id and relative path) and re-processes the
+others, so each file gets exactly one row and ends in exactly one place.
 """
 
 from __future__ import annotations
 
 import fcntl
+import filecmp
 import hashlib
 import os
 import queue
-import shutil
 import signal
 import stat
 import threading
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -39,7 +41,8 @@ from watcher import failpoints, model_store, systemd
 from watcher.batching import collect_batch
 from watcher.config import Config
 from watcher.errors import DecodeError, ModelStoreError, ReportError, WatcherError
-from watcher.filing import place, plan_destination
+from watcher.filing import link_into, plan_destination
+from watcher.fsutil import fsync_dir
 from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode_bytes, preprocess
 from watcher.inference import Predictor
 from watcher.ingest import Ingest
@@ -47,6 +50,7 @@ from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
 
 log = structlog.get_logger()
 
+T = TypeVar("T")
 CLAIMED = "claimed"
 _MAX_BACKOFF_S = 60.0
 
@@ -261,20 +265,25 @@ class Service:
             return
         claimed = {d.name for d in claim_dirs}
         done = {
-            row["claim"]: row["destination"]
+            (row["claim"], row["file"]): row["destination"]
             for row in read_rows(self.cfg.results)
             if row.get("claim") in claimed and row.get("instance") == self.cfg.instance_id
         }
         for claim_dir in claim_dirs:
-            files = [Path(r) / f for r, _, fs in os.walk(claim_dir) for f in fs]
-            if not files:
-                shutil.rmtree(claim_dir, ignore_errors=True)
-                continue
-            for path in files:
+            files: list[Path] = []
+            for root, dirs, names in os.walk(claim_dir, topdown=False):
+                # os.walk lists a link to a folder among the folders; it is a claimed file too
+                files += [Path(root) / n for n in names]
+                files += [Path(root) / d for d in dirs if os.path.islink(os.path.join(root, d))]
+                if not names and not os.listdir(root):
+                    os.rmdir(root)  # a folder left empty by a crash
+            for path in sorted(files):
                 rel = PurePosixPath(path.relative_to(claim_dir).as_posix())
                 item = Item(rel=rel, path=path, claim_dir=claim_dir)
-                item.known_destination = done.get(claim_dir.name, "")
+                item.known_destination = done.get((claim_dir.name, str(rel)), "")
                 self._recovered.append(item)
+        if not self._recovered:
+            return
         self.counts["recovered"] = len(self._recovered)
         log.warning(
             "recovering_claimed_files",
@@ -284,22 +293,27 @@ class Service:
 
     # ------------------------------------------------------------ stage 1: claim + decode
 
-    def _claim(self, path: Path) -> Item | None:
+    def _claim(self, path: Path, claim_dir: Path) -> Item | None:
         try:
             rel = PurePosixPath(path.relative_to(self.cfg.inbox).as_posix())
         except ValueError:
             return None
-        claim_dir = self.claim_root / uuid.uuid4().hex
+        if _through_link(self.cfg.inbox, path):
+            log.warning("claim_refused_link_folder", file=str(rel), reason="a folder on its path is a link")
+            return None
         target = claim_dir.joinpath(*rel.parts)
+        if os.path.lexists(target):  # the same name twice in one batch: a claim of its own
+            claim_dir = self.claim_root / uuid.uuid4().hex
+            target = claim_dir.joinpath(*rel.parts)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, target)
+            os.rename(path, target)  # our own claim folder: nothing there to replace
             failpoints.hit("claimed")
         except FileNotFoundError:
-            shutil.rmtree(claim_dir, ignore_errors=True)  # taken by another instance, or gone
+            _prune_empty(target.parent, self.claim_root)  # taken by another instance, or gone
             return None
         except OSError as exc:
-            shutil.rmtree(claim_dir, ignore_errors=True)
+            _prune_empty(target.parent, self.claim_root)
             log.error("claim_failed", file=str(rel), error=exc.strerror or str(exc))
             return None
         return Item(rel=rel, path=target, claim_dir=claim_dir)
@@ -325,8 +339,9 @@ class Service:
                     if not paths:
                         break  # empty only once no more input will come
                     items = []
+                    claim_dir = self.claim_root / uuid.uuid4().hex
                     for path in paths:
-                        item = self._claim(path)
+                        item = self._claim(path, claim_dir)
                         self.ingest.done(path)
                         if item is not None:
                             items.append(item)
@@ -440,9 +455,7 @@ class Service:
                 moves.append((item, Path(item.known_destination)))
         self._retry("results_append_failed", lambda: self.results.append(rows))
         failpoints.hit("rows_written")
-        for item, dest in moves:
-            self._retry("file_move_failed", lambda i=item, d=dest: self._place(i, d))  # type: ignore[misc]
-            failpoints.hit("placed")
+        self._place_all(moves)
         n_ok = sum(1 for r in rows if r.status == "ok")
         self.counts["ok"] += n_ok
         self.counts["failed"] += len(rows) - n_ok
@@ -458,32 +471,94 @@ class Service:
             model_version=predictor.version,
         )
 
-    def _place(self, item: Item, dest: Path) -> None:
-        if os.path.lexists(item.path):
-            try:
-                place(item.path, dest)
-            except FileExistsError:
-                if os.path.lexists(dest) and os.path.samestat(os.lstat(item.path), os.lstat(dest)):
-                    os.unlink(item.path)  # a crash after link, before unlink: already there
-                else:
-                    # another instance took the name between plan and move (shared inbox):
-                    # keep both files; the row names the planned path, the log the real one
-                    other = plan_destination(dest.parent, PurePosixPath(dest.name), item.sha256 or "0" * 8)
-                    log.warning("destination_taken", file=str(item.rel), planned=str(dest), used=str(other))
-                    place(item.path, other)
-        if item.claim_dir is not None:
-            shutil.rmtree(item.claim_dir, ignore_errors=True)
+    def _place_all(self, moves: list[tuple[Item, Path]]) -> None:
+        """Link every file at its destination, make the links durable, then drop the claims.
 
-    def _retry(self, event: str, action: Callable[[], None]) -> None:
+        One fsync per destination folder per batch (not two per file): a crash before the
+        unlinks leaves each file claimed and already linked, which recovery recognises.
+        """
+        folders: set[Path] = set()
+        for item, dest in moves:
+            used = self._retry("file_move_failed", lambda i=item, d=dest: self._link(i, d))  # type: ignore[misc]
+            if used is not None:
+                folders.add(used.parent)
+        for folder in sorted(folders):
+            self._retry("file_move_failed", lambda f=folder: fsync_dir(f))  # type: ignore[misc]
+        for item, _ in moves:
+            if os.path.lexists(item.path):
+                failpoints.hit("linked")
+                self._retry("file_move_failed", lambda i=item: i.path.unlink(missing_ok=True))  # type: ignore[misc]
+            failpoints.hit("placed")
+            if item.claim_dir is not None:
+                _prune_empty(item.path.parent, self.claim_root)
+
+    def _link(self, item: Item, dest: Path) -> Path | None:
+        """Link the claimed file at ``dest``; returns where it is linked (None: moved already)."""
+        if not os.path.lexists(item.path):
+            return None  # a crash after the unlink: only the claim folder was left
+        try:
+            link_into(item.path, dest)
+            return dest
+        except FileExistsError:
+            pass
+        mine = os.lstat(item.path)
+        if _same_file(item.path, mine, dest):
+            return dest  # a crash after the link, before the unlink: already there
+        if mine.st_nlink > 1:  # a crash after linking under a re-planned name (below)
+            for entry in os.scandir(dest.parent):
+                if os.path.samestat(mine, entry.stat(follow_symlinks=False)):
+                    return Path(entry.path)
+        # another instance took the name between plan and move (shared inbox):
+        # keep both files; the row names the planned path, the log the real one
+        other = plan_destination(dest.parent, PurePosixPath(dest.name), item.sha256 or "0" * 8)
+        log.warning("destination_taken", file=str(item.rel), planned=str(dest), used=str(other))
+        link_into(item.path, other)
+        return other
+
+    def _retry(self, event: str, action: Callable[[], T]) -> T:
         """Run ``action`` until it succeeds, backing off; files stay claimed meanwhile."""
         delay = 1.0
         while True:
             try:
-                action()
-                return
+                return action()
             except (OSError, ReportError) as exc:
                 log.error(event, error=str(exc), retry_in_s=delay)
                 if self._stop_taking.wait(delay):
                     # stopping: the claims stay; recovery at the next start finishes them
                     raise WatcherError(f"gave up on shutdown after: {exc}") from exc
                 delay = min(delay * 2, _MAX_BACKOFF_S)
+
+
+def _same_file(src: Path, src_stat: os.stat_result, dest: Path) -> bool:
+    """Whether ``dest`` is ``src`` already: the same inode, or a finished cross-device copy."""
+    try:
+        other = os.lstat(dest)
+    except FileNotFoundError:
+        return False
+    if os.path.samestat(src_stat, other):
+        return True
+    if src_stat.st_dev == other.st_dev or stat.S_IFMT(src_stat.st_mode) != stat.S_IFMT(other.st_mode):
+        return False
+    if stat.S_ISLNK(src_stat.st_mode):
+        return os.readlink(src) == os.readlink(dest)
+    return stat.S_ISREG(src_stat.st_mode) and filecmp.cmp(src, dest, shallow=False)
+
+
+def _prune_empty(folder: Path, stop: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to (not including) ``stop``."""
+    while folder != stop and stop in folder.parents:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # not empty (other files of the batch), or gone
+        folder = folder.parent
+
+
+def _through_link(inbox: Path, path: Path) -> bool:
+    """Whether a folder between ``inbox`` and ``path`` is a symbolic link (never follow one)."""
+    folder = path.parent
+    while folder != inbox and inbox in folder.parents:
+        if folder.is_symlink():
+            return True
+        folder = folder.parent
+    return False
