@@ -44,20 +44,29 @@ def _samples(names: list[tuple[str, int]]) -> list[Sample]:
 _name = st.one_of(
     st.builds(lambda i, k: (f"IM-{i:04d}-{k:04d}.jpeg", 0), st.integers(1, 60), st.integers(1, 3)),
     st.builds(lambda i, k: (f"NORMAL2-IM-{i:04d}-{k:04d}.jpeg", 0), st.integers(1, 60), st.integers(1, 3)),
-    st.builds(lambda i, kind, k: (f"person{i}_{kind}_{k}.jpeg", 1), st.integers(1, 60),
-              st.sampled_from(["bacteria", "virus"]), st.integers(1, 500)),
-    st.builds(lambda t, lab: (f"odd-{t}.png", lab), st.text("abcxyz", min_size=1, max_size=6),
-              st.integers(0, 1)),
+    st.builds(
+        lambda i, kind, k: (f"person{i}_{kind}_{k}.jpeg", 1),
+        st.integers(1, 60),
+        st.sampled_from(["bacteria", "virus"]),
+        st.integers(1, 500),
+    ),
+    st.builds(
+        lambda t, lab: (f"odd-{t}.png", lab), st.text("abcxyz", min_size=1, max_size=6), st.integers(0, 1)
+    ),
 )
 
 
 class TestSplit:
     @settings(max_examples=60, deadline=None)
-    @given(names=st.lists(_name, min_size=2, max_size=80, unique=True),
-           method=st.sampled_from(["era", "random"]), seed=st.integers(0, 10_000),
-           fraction=st.floats(0.05, 0.6))
-    def test_no_patient_on_both_sides(self, names: list[tuple[str, int]], method: str, seed: int,
-                                      fraction: float) -> None:
+    @given(
+        names=st.lists(_name, min_size=2, max_size=80, unique=True),
+        method=st.sampled_from(["era", "random"]),
+        seed=st.integers(0, 10_000),
+        fraction=st.floats(0.05, 0.6),
+    )
+    def test_no_patient_on_both_sides(
+        self, names: list[tuple[str, int]], method: str, seed: int, fraction: float
+    ) -> None:
         """Whatever the names, method, seed and fraction, no patient group is on both sides."""
         samples = _samples(names)
         split = split_samples(samples, method, fraction, seed)

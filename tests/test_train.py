@@ -31,8 +31,12 @@ def publish_constant(store: Path, value: float = 0.7) -> str:
     model.layers[-1].set_weights([np.zeros((1, 1), "float32"), np.array([logit], "float32")])
     build = model_store.new_build_dir(store)
     model.save(build / model_store.MODEL_FILE)
-    meta = {"preprocessing": CONST_SPEC.to_dict(), "threshold": 0.5, "temperature": 1.0,
-            "class_names": ["NORMAL", "PNEUMONIA"]}
+    meta = {
+        "preprocessing": CONST_SPEC.to_dict(),
+        "threshold": 0.5,
+        "temperature": 1.0,
+        "class_names": ["NORMAL", "PNEUMONIA"],
+    }
     (build / model_store.METADATA_FILE).write_text(json.dumps(meta), encoding="utf-8")
     version = model_store.publish(store, build)
     model_store.set_current(store, version, reason="test")
@@ -41,8 +45,14 @@ def publish_constant(store: Path, value: float = 0.7) -> str:
 
 def tiny_options(store: Path, **kw: object) -> TrainOptions:
     """Options for a one-epoch run of the test-only ``tiny`` arch on the fixtures."""
-    args: dict[str, object] = {"data": TRAIN_FIXTURES, "store": store, "arch": "tiny", "epochs": 1,
-                               "n_boot": 50, **kw}
+    args: dict[str, object] = {
+        "data": TRAIN_FIXTURES,
+        "store": store,
+        "arch": "tiny",
+        "epochs": 1,
+        "n_boot": 50,
+        **kw,
+    }
     return TrainOptions(**args)  # type: ignore[arg-type]
 
 
@@ -58,8 +68,12 @@ class TestTrain:
         """The version holds model, metadata, metrics and the four plots."""
         store, version = trained
         files = {p.name for p in (store / version).iterdir()}
-        expected = {model_store.MODEL_FILE, model_store.METADATA_FILE, model_store.METRICS_FILE,
-                    *evaluation.PLOT_FILES}
+        expected = {
+            model_store.MODEL_FILE,
+            model_store.METADATA_FILE,
+            model_store.METRICS_FILE,
+            *evaluation.PLOT_FILES,
+        }
         assert expected <= files
 
     def test_metadata_contract(self, trained: tuple[Path, str]) -> None:
@@ -148,3 +162,26 @@ class TestAugment:
         b = augment_grey(img, np.random.default_rng([1, 2]), AugmentOptions())
         assert (img.shape, np.uint8) == (a.shape, a.dtype)
         assert np.array_equal(a, b)
+
+    def test_class_aspect_squeezes_normal_and_stretches_pneumonia(self) -> None:
+        """With p_class_aspect=1 a centred bar gets narrower for NORMAL and wider for PNEUMONIA."""
+        img = np.zeros((64, 64), np.uint8)
+        img[:, 24:40] = 255
+        still = AugmentOptions(
+            rotate_deg=0,
+            scale=(1, 1),
+            shift=0,
+            p_downup=0,
+            p_blur=0,
+            p_sharpen=0,
+            p_gamma=0,
+            p_contrast=0,
+            p_noise=0,
+            p_jpeg=0,
+            p_class_aspect=1.0,
+        )
+        widths = [
+            int((augment_grey(img, np.random.default_rng(0), still, lab)[32] > 127).sum())
+            for lab in (0, -1, 1)
+        ]
+        assert widths[0] < widths[1] == 16 < widths[2]

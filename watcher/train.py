@@ -70,6 +70,9 @@ class AugmentOptions:
     rotate_deg: float = 7.0
     scale: tuple[float, float] = (0.9, 1.12)
     shift: float = 0.06  # fraction of the image side
+    aspect: float = 1.0  # max width:height stretch factor (1 = off); originals differ in aspect by class
+    p_class_aspect: float = 0.0  # see augment_grey: de-correlates apparent chest width from the class
+    class_aspect: float = 0.79  # PNEUMONIA/NORMAL width squeeze (fullres medians 1.24 vs 1.57 w:h)
     p_downup: float = 0.5  # squeeze through a lower resolution and back
     downup: tuple[float, float] = (0.3, 0.85)
     p_blur: float = 0.3
@@ -115,17 +118,36 @@ class TrainOptions:
 # ------------------------------------------------------------------ augmentation
 
 
-def augment_grey(img: GreyImage, rng: np.random.Generator, opt: AugmentOptions) -> GreyImage:
-    """One random augmentation of a grey uint8 image (same size out)."""
+def _warp(img: GreyImage, angle_deg: float, sx: float, sy: float, shift: tuple[float, float]) -> GreyImage:
+    """Rotate and scale (separately along x and y) about the centre, then shift; reflect at borders."""
+    h, w = img.shape
+    a = math.radians(angle_deg)
+    lin = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]) @ np.diag([sx, sy])
+    centre = np.array([w / 2.0, h / 2.0])
+    offset = centre - lin @ centre + np.asarray(shift)
+    mat = np.hstack([lin, offset[:, None]])
+    out = cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def augment_grey(img: GreyImage, rng: np.random.Generator, opt: AugmentOptions, label: int = -1) -> GreyImage:
+    """One random augmentation of a grey uint8 image (same size out).
+
+    ``label`` (0 NORMAL, 1 PNEUMONIA) enables the class-balancing aspect change: with
+    probability ``p_class_aspect`` a NORMAL image gets the horizontal squeeze typical of
+    PNEUMONIA originals and a PNEUMONIA image the inverse stretch, so that in training the
+    apparent chest width says nothing about the class.
+    """
     h, w = img.shape
     out: npt.NDArray[Any] = img
     # pose: rotation, zoom, shift in one affine warp
     angle = rng.uniform(-opt.rotate_deg, opt.rotate_deg)
     scale = rng.uniform(*opt.scale)
-    mat = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
-    mat[0, 2] += rng.uniform(-opt.shift, opt.shift) * w
-    mat[1, 2] += rng.uniform(-opt.shift, opt.shift) * h
-    out = cv2.warpAffine(out, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    ratio = math.exp(rng.uniform(-math.log(opt.aspect), math.log(opt.aspect))) if opt.aspect > 1 else 1.0
+    if label in (0, 1) and rng.random() < opt.p_class_aspect:
+        ratio *= opt.class_aspect if label == 0 else 1.0 / opt.class_aspect
+    shift = (rng.uniform(-opt.shift, opt.shift) * w, rng.uniform(-opt.shift, opt.shift) * h)
+    out = _warp(out, angle, scale * math.sqrt(ratio), scale / math.sqrt(ratio), shift)
     if opt.hflip and rng.random() < 0.5:
         out = out[:, ::-1]
     # acquisition: resolution, blur / sharpness
@@ -189,6 +211,10 @@ PROBES: dict[str, tuple[Any, tuple[int, ...]]] = {
     "contrast_0.7": (lambda im: _lut(im, lambda v: (v - 0.5) * 0.7 + 0.5), (0, 1)),
     # the sharpness shortcut: NORMAL images made as soft as the lower-resolution PNEUMONIA originals
     "normal_only_lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0,)),
+    # the aspect shortcut: NORMAL originals are ~1.24 wide:high, PNEUMONIA ~1.57, both squeezed to a
+    # square, so NORMAL chests look 1/0.79 wider; here NORMAL images get the PNEUMONIA squeeze
+    "normal_only_aspect_0.79": (lambda im: _warp(im, 0.0, 0.79, 1.0, (0.0, 0.0)), (0,)),
+    "aspect_0.79": (lambda im: _warp(im, 0.0, 0.79, 1.0, (0.0, 0.0)), (0, 1)),
 }
 
 
@@ -279,7 +305,7 @@ def _make_sequence(
             rng = np.random.default_rng([seed, self.epoch, idx])
             x = np.empty((len(pick), spec.height, spec.width, 1), dtype=np.float32)
             for j, i in enumerate(pick):
-                img = augment_grey(images[i], rng, aug) if augment else images[i]
+                img = augment_grey(images[i], rng, aug, int(labels[i])) if augment else images[i]
                 x[j] = preprocess(img, spec)
             return x, labels[pick].astype(np.float32), weights[pick]
 
