@@ -163,10 +163,10 @@ class TestAugment:
         assert (img.shape, np.uint8) == (a.shape, a.dtype)
         assert np.array_equal(a, b)
 
-    def test_class_aspect_squeezes_normal_and_stretches_pneumonia(self) -> None:
-        """With p_class_aspect=1 a centred bar gets narrower for NORMAL and wider for PNEUMONIA."""
+    def test_class_aspect_changes_shape_by_class(self) -> None:
+        """With p_class_aspect=1 a centred square gets taller for NORMAL and wider for PNEUMONIA."""
         img = np.zeros((64, 64), np.uint8)
-        img[:, 24:40] = 255
+        img[24:40, 24:40] = 255
         still = AugmentOptions(
             rotate_deg=0,
             scale=(1, 1),
@@ -180,8 +180,11 @@ class TestAugment:
             p_jpeg=0,
             p_class_aspect=1.0,
         )
-        widths = [
-            int((augment_grey(img, np.random.default_rng(0), still, lab)[32] > 127).sum())
-            for lab in (0, -1, 1)
-        ]
-        assert widths[0] < widths[1] == 16 < widths[2]
+
+        def size(label: int) -> tuple[int, int]:
+            out = augment_grey(img, np.random.default_rng(0), still, label) > 127
+            return int(out.any(axis=1).sum()), int(out.any(axis=0).sum())  # (height, width)
+
+        assert (16, 16) == size(-1)
+        assert size(0)[0] > 16 == size(0)[1]
+        assert size(1)[1] > 16 == size(1)[0]

@@ -144,10 +144,16 @@ def augment_grey(img: GreyImage, rng: np.random.Generator, opt: AugmentOptions, 
     angle = rng.uniform(-opt.rotate_deg, opt.rotate_deg)
     scale = rng.uniform(*opt.scale)
     ratio = math.exp(rng.uniform(-math.log(opt.aspect), math.log(opt.aspect))) if opt.aspect > 1 else 1.0
+    sx = sy = scale
     if label in (0, 1) and rng.random() < opt.p_class_aspect:
-        ratio *= opt.class_aspect if label == 0 else 1.0 / opt.class_aspect
+        # always a zoom-in (crop) along one axis, never a squeeze with filled borders: a
+        # class-specific border pattern would be a new shortcut (seen in validation probes)
+        if label == 0:
+            sy /= opt.class_aspect  # taller: the chest looks as narrow as in PNEUMONIA originals
+        else:
+            sx /= opt.class_aspect  # wider: as in NORMAL originals
     shift = (rng.uniform(-opt.shift, opt.shift) * w, rng.uniform(-opt.shift, opt.shift) * h)
-    out = _warp(out, angle, scale * math.sqrt(ratio), scale / math.sqrt(ratio), shift)
+    out = _warp(out, angle, sx * math.sqrt(ratio), sy / math.sqrt(ratio), shift)
     if opt.hflip and rng.random() < 0.5:
         out = out[:, ::-1]
     # acquisition: resolution, blur / sharpness
@@ -215,6 +221,9 @@ PROBES: dict[str, tuple[Any, tuple[int, ...]]] = {
     # square, so NORMAL chests look 1/0.79 wider; here NORMAL images get the PNEUMONIA squeeze
     "normal_only_aspect_0.79": (lambda im: _warp(im, 0.0, 0.79, 1.0, (0.0, 0.0)), (0,)),
     "aspect_0.79": (lambda im: _warp(im, 0.0, 0.79, 1.0, (0.0, 0.0)), (0, 1)),
+    # the same relative squeeze without filled borders: stretch vertically (crop top and bottom)
+    "normal_only_taller_1.27": (lambda im: _warp(im, 0.0, 1.0, 1.0 / 0.79, (0.0, 0.0)), (0,)),
+    "pneumonia_only_wider_1.27": (lambda im: _warp(im, 0.0, 1.0 / 0.79, 1.0, (0.0, 0.0)), (1,)),
 }
 
 
