@@ -1,0 +1,143 @@
+"""Helpers of the robustness tests: real `run --once` processes, real inputs, the invariants.
+
+The invariant of issue 4: every inbox file (known by the sha256 of its bytes) has exactly one
+results.csv row and exists in exactly one place under processed/ or failed/, with the same
+bytes, at the path its row names; nothing is left in the inbox or in a claim folder; and the
+CSV parses with both pandas and the csv module.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from watcher.config import Config
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_once(
+    cfg: Config, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m watcher run --once --config ...` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", "run", "--once", "--config", str(cfg.source)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def png_bytes(seed: int, size: int = 48, level: int | None = None) -> bytes:
+    """A small distinct PNG (random grey noise, or a flat image of ``level``)."""
+    rng = np.random.default_rng(seed)
+    if level is None:
+        img = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    else:
+        img = np.full((size, size), level, dtype=np.uint8)
+        img[0, :4] = [seed >> 24 & 255, seed >> 16 & 255, seed >> 8 & 255, seed & 255]
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    body = kind + payload
+    return len(payload).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small, well-formed PNG that declares ``width`` x ``height`` 8-bit grey pixels."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    rows = zlib.compress(b"\x00" * (width + 1) * 64, 9)  # the first 64 rows of zeros
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
+    )
+
+
+def read_csv_both(path: Path) -> list[dict[str, str]]:
+    """The rows via the csv module, after checking pandas reads the same number and columns."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert len(rows) == len(frame), "pandas and the csv module disagree on the number of rows"
+    assert list(frame.columns) == list(csv.DictReader(io.StringIO(text)).fieldnames or [])
+    assert list(frame["file"]) == [r["file"] for r in rows]
+    assert text.endswith("\n"), "results.csv ends in a torn line"
+    return rows
+
+
+def placed_files(cfg: Config) -> dict[Path, bytes]:
+    """Every file (or link, or FIFO) under processed/ and failed/, with its bytes (link: its target)."""
+    out: dict[Path, bytes] = {}
+    for root in (cfg.processed, cfg.failed):
+        for dirpath, dirs, names in os.walk(root):
+            for name in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+                path = Path(dirpath) / name
+                if path.is_symlink():
+                    out[path] = os.fsencode(os.readlink(path))
+                elif path.is_file():
+                    out[path] = path.read_bytes()
+                else:
+                    out[path] = b""  # a FIFO or other special file: no bytes to compare
+    return out
+
+
+def leftovers(cfg: Config) -> list[Path]:
+    """Files still in the inbox (outside hidden names) or in a claim folder."""
+    left = []
+    for dirpath, dirs, names in os.walk(cfg.inbox):
+        rel = Path(dirpath).relative_to(cfg.inbox)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            in_claims = "claimed" in rel.parts and ".xray-watcher" in rel.parts
+            if in_claims or not (hidden or name.startswith(".")):
+                left.append(Path(dirpath) / name)
+    return left
+
+
+def check_exactly_once(cfg: Config, originals: dict[str, bytes]) -> list[dict[str, str]]:
+    """The invariant above, for ``originals`` = sha256 -> bytes of every file put in the inbox."""
+    rows = read_csv_both(cfg.results)
+    by_sha: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_sha.setdefault(row["sha256"], []).append(row)
+    assert set(originals) == set(by_sha), "rows for unknown files, or files without a row"
+    dupes = {s: [r["file"] for r in rs] for s, rs in by_sha.items() if len(rs) != 1}
+    assert {} == dupes, "files with more than one row"
+    placed = placed_files(cfg)
+    where: dict[str, list[Path]] = {}
+    for path, data in placed.items():
+        where.setdefault(sha(data), []).append(path)
+    for digest, data in originals.items():
+        assert 1 == len(where.get(digest, [])), f"{by_sha[digest][0]['file']!r} is in {where.get(digest)}"
+        (path,) = where[digest]
+        assert data == placed[path]
+        assert str(path) == by_sha[digest][0]["destination"]
+    assert len(originals) == len(placed), "extra files under processed/ or failed/"
+    assert [] == leftovers(cfg)
+    return rows
