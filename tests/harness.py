@@ -31,7 +31,10 @@ def sha(data: bytes) -> str:
 
 
 def run_once(
-    cfg: Config, env: dict[str, str] | None = None, timeout: float = 120
+    cfg: Config,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m watcher run --once --config ...` as a real process."""
     return subprocess.run(
@@ -40,6 +43,7 @@ def run_once(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
 
 
