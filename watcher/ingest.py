@@ -231,4 +231,4 @@ class _Handler(FileSystemEventHandler):
             elif isinstance(event, FileClosedEvent):
                 self.ingest.notice(Path(os.fsdecode(event.src_path)), closed=True)
         except Exception:
-            log.exception("event_handler_error", event=repr(event))
+            log.exception("event_handler_error", fs_event=repr(event))
