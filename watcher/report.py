@@ -8,6 +8,7 @@ descriptor under an exclusive ``flock`` (several instances may share one file), 
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import os
@@ -142,7 +143,9 @@ class ResultsWriter:
                 failpoints.torn_write(fd, payload)
                 written = os.write(fd, payload)
                 if written != len(payload):
-                    raise OSError(28, f"short write ({written} of {len(payload)} bytes)")
+                    # a regular file takes fewer bytes than asked only when the disk (or quota) is full
+                    short = f"short write, {written} of {len(payload)} bytes"
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({short})")
                 os.fsync(fd)
             except OSError:
                 os.ftruncate(fd, before)  # never leave a partial row for the next append
