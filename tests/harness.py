@@ -8,6 +8,7 @@ CSV parses with both pandas and the csv module.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 
 from watcher.config import Config
 
@@ -145,3 +147,18 @@ def check_exactly_once(cfg: Config, originals: dict[str, bytes]) -> list[dict[st
     assert len(originals) == len(placed), "extra files under processed/ or failed/"
     assert [] == leftovers(cfg)
     return rows
+
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``mnt`` (needs root and mount; skips with the reason otherwise)."""
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FULLRES
-from tests.harness import check_exactly_once, png_bytes, sha, wait_for
+from tests.harness import check_exactly_once, png_bytes, sha, small_tmpfs, wait_for
 from tests.test_service import Daemon
 from watcher.config import Config
 from watcher.report import read_rows
@@ -88,18 +87,9 @@ class TestDestinationNotWritable:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs (needs root and mount; skipped with the reason otherwise)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up here: {proc.stderr.strip() or proc.returncode}")
-    try:
+    """A real 2 MiB tmpfs to fill up."""
+    with small_tmpfs(tmp_path / "disk", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(disk: Path) -> Path:

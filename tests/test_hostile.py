@@ -23,9 +23,11 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
 
 from tests.conftest import FULLRES, fixture_images
-from tests.harness import bomb_png, read_csv_both, run_once, sha, wait_for
+from tests.harness import bomb_png, read_csv_both, run_once, sha, small_tmpfs, wait_for
 from tests.test_service import Daemon
 from watcher.config import Config, load_config
 from watcher.errors import DecodeError
@@ -92,6 +94,10 @@ class TestHostileInbox:
             path.write_bytes(data)
             expected[rel], content[rel] = (status, error), data
 
+        opened: list[str] = []  # inotify: anything that opens a file out there (the daemon must not)
+        spy = Observer()
+        spy.schedule(_OpenSpy(opened), str(outside), recursive=True)
+        spy.start()
         d = Daemon(cfg)
         try:
             wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
@@ -131,7 +137,10 @@ class TestHostileInbox:
             wait_for(lambda: len(rows_now(cfg)) >= len(expected), 30, "the row of a later file")
         finally:
             assert 0 == d.stop()
+            spy.stop()
+            spy.join(5)
 
+        assert [] == opened, "a file outside the inbox was opened through a link"
         rows = read_csv_both(cfg.results)
         assert sorted(expected) == sorted(r["file"] for r in rows)
         for row in rows:
@@ -164,10 +173,45 @@ class TestHostileInbox:
         assert [] == [p for p in (cfg.work_dir / "claimed").rglob("*")]
 
 
+class _OpenSpy(FileSystemEventHandler):
+    def __init__(self, opened: list[str]) -> None:
+        self.opened = opened
+
+    def on_opened(self, event: FileSystemEvent) -> None:
+        self.opened.append(os.fsdecode(event.src_path))
+
+
 def rows_now(cfg: Config) -> list[dict[str, str]]:
     from watcher.report import read_rows
 
     return [dict(r) for r in read_rows(cfg.results)]
+
+
+class TestOtherDisk:
+    def test_special_files_are_filed_to_another_filesystem(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """processed/ and failed/ on another filesystem: a FIFO, links and an image all end up there."""
+        with small_tmpfs(tmp_path / "disk", "4m") as disk:
+            for name in ("processed", "failed"):
+                (disk / name).mkdir()
+            cfg = make_config(processed=str(disk / "processed"), failed=str(disk / "failed"))
+            (cfg.inbox / "scan.jpeg").write_bytes(GOOD)
+            os.mkfifo(cfg.inbox / "pipe.jpg")
+            (cfg.inbox / "link.jpg").symlink_to(FULLRES[0])
+            (cfg.inbox / "dirlink.png").symlink_to(FULLRES[0].parent)
+            proc = run_once(cfg, timeout=60)
+            assert 0 == proc.returncode, proc.stderr[-3000:]
+            by_file = {r["file"]: r for r in read_csv_both(cfg.results)}
+            assert ["ok", "failed", "failed", "failed"] == [
+                by_file[n]["status"] for n in ("scan.jpeg", "pipe.jpg", "link.jpg", "dirlink.png")
+            ]
+            assert GOOD == Path(by_file["scan.jpeg"]["destination"]).read_bytes()
+            assert stat.S_ISFIFO(os.lstat(disk / "failed" / "pipe.jpg").st_mode)
+            assert str(FULLRES[0]) == os.readlink(disk / "failed" / "link.jpg")
+            assert str(FULLRES[0].parent) == os.readlink(disk / "failed" / "dirlink.png")
+            assert [] == [p.name for p in cfg.inbox.iterdir() if not p.name.startswith(".")]
+            assert [] == [p for p in disk.rglob("*.tmp")]
 
 
 def _drop_read_override() -> None:  # pragma: no cover - runs in the child before exec

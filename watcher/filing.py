@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -64,9 +65,12 @@ def place(src: Path, dest: Path) -> None:
 
 def _copy_across(src: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    st = os.lstat(src)
     try:
-        if src.is_symlink():
+        if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(src), tmp)
+        elif not stat.S_ISREG(st.st_mode):  # a FIFO or socket: make the same node, never open it
+            os.mknod(tmp, st.st_mode, st.st_rdev)
         else:
             shutil.copy2(src, tmp, follow_symlinks=False)
             with open(tmp, "rb") as fh:
