@@ -146,6 +146,8 @@ def check_exactly_once(cfg: Config, originals: dict[str, bytes]) -> list[dict[st
         assert str(path) == by_sha[digest][0]["destination"]
     assert len(originals) == len(placed), "extra files under processed/ or failed/"
     assert [] == leftovers(cfg)
+    claim_root = cfg.work_dir / "claimed"
+    assert [] == (sorted(claim_root.iterdir()) if claim_root.exists() else []), "claim folders left"
     return rows
 
 

@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import FULLRES, fixture_images
-from tests.harness import check_exactly_once, png_bytes, run_once, sha, wait_for
+from tests.harness import check_exactly_once, png_bytes, run_once, sha, small_tmpfs, wait_for
 from tests.test_service import Daemon
 from watcher.config import Config
 from watcher.inference import Predictor
@@ -85,6 +85,27 @@ class TestCrashPoints:
         assert claimed or len(read_rows(cfg.results)) < len(originals), "the crash came after all the work"
         restart(cfg, predictor)
         check_exactly_once(cfg, originals)
+
+
+class TestCrashAcrossDisks:
+    def test_killed_between_copy_and_unlink_to_another_filesystem(
+        self, make_config: Callable[..., Config], predictor: Predictor, tmp_path: Path
+    ) -> None:
+        """processed/ on another filesystem (copies, not links): a kill after a copy is not copied twice."""
+        with small_tmpfs(tmp_path / "disk", "8m") as disk:
+            for name in ("processed", "failed"):
+                (disk / name).mkdir()
+            cfg = make_config(
+                processed=str(disk / "processed"),
+                failed=str(disk / "failed"),
+                batch={"max_size": 4, "max_wait_ms": 100},
+                ingest={"settle_ms": 0},
+            )
+            originals = fill_inbox(cfg)
+            proc = run_once(cfg, env={"XRAY_WATCHER_CRASH_AT": "linked:2"})
+            assert -signal.SIGKILL == proc.returncode, proc.stderr[-3000:]
+            restart(cfg, predictor)
+            check_exactly_once(cfg, originals)
 
 
 class TestTornLine:
