@@ -43,7 +43,7 @@ from watcher.config import Config
 from watcher.errors import DecodeError, ModelStoreError, ReportError, WatcherError
 from watcher.filing import link_into, plan_destination
 from watcher.fsutil import fsync_dir
-from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode_bytes, preprocess
+from watcher.imaging import ModelInput, PreprocessSpec, decode_bytes, preprocess
 from watcher.inference import Predictor
 from watcher.ingest import Ingest
 from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
@@ -63,7 +63,8 @@ class Item:
     path: Path  # where the file is now (its claim, or the user's path for ``predict``)
     sha256: str = ""
     size: int = 0
-    image: GreyImage | None = None
+    width: int = 0  # of the decoded image (the image itself is not kept: only the model input)
+    height: int = 0
     model_input: ModelInput | None = None
     spec: PreprocessSpec | None = None
     error: str = ""
@@ -107,8 +108,9 @@ def load_item(item: Item, spec: PreprocessSpec, max_pixels: int, max_bytes: int)
         data = read_file(item.path, max_bytes)
         item.size = len(data)
         item.sha256 = hashlib.sha256(data).hexdigest()
-        item.image = decode_bytes(data, max_pixels)
-        item.model_input = preprocess(item.image, spec)
+        image = decode_bytes(data, max_pixels)
+        item.height, item.width = image.shape
+        item.model_input = preprocess(image, spec)  # a full-size image is not held past here
         item.spec = spec
         failpoints.hit("decoded")
     except DecodeError as exc:
@@ -414,10 +416,10 @@ class Service:
         assert predictor is not None
         t0 = time.monotonic()
         fresh = [i for i in items if not i.known_destination]
+        for item in fresh:  # decoded under an older model's spec: decode again (still claimed)
+            if not item.error and item.spec != predictor.spec:
+                load_item(item, predictor.spec, self.cfg.decode.max_pixels, self.cfg.decode.max_file_mb << 20)
         good = [i for i in fresh if not i.error]
-        for item in good:  # decoded under an older model's spec: redo the cheap part
-            if item.spec != predictor.spec and item.image is not None:
-                item.model_input = preprocess(item.image, predictor.spec)
         inputs = [i.model_input for i in good if i.model_input is not None]
         predictions = predictor.predict(inputs)
         infer_ms = (time.monotonic() - t0) * 1000
@@ -428,7 +430,7 @@ class Service:
             pred = by_item.get(id(item))
             root = self.cfg.processed / pred.label if pred else self.cfg.failed
             dest = plan_destination(root, item.rel, item.sha256 or "0" * 8)
-            h, w = item.image.shape if item.image is not None else ("", "")
+            h, w = (str(item.height), str(item.width)) if item.height else ("", "")
             rows.append(
                 ResultRow(
                     processed_at=utc_now(),
@@ -449,7 +451,7 @@ class Service:
                 )
             )
             moves.append((item, dest))
-            item.image = item.model_input = None  # free memory early
+            item.model_input = None  # free memory early
         for item in items:
             if item.known_destination:
                 moves.append((item, Path(item.known_destination)))
