@@ -1,0 +1,77 @@
+"""A model swapped between decoding and inference: files decoded for the old model's input size
+are decoded again for the new one (the service keeps no full-size image to redo it from)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from tests.conftest import fixture_images
+from watcher import model_store
+from watcher.config import Config
+from watcher.imaging import PreprocessSpec
+from watcher.inference import Predictor
+from watcher.report import read_rows
+from watcher.service import Item, Service, load_item
+
+
+def publish_sized(store: Path, side: int) -> str:
+    """Publish a tiny real Keras model whose input is ``side`` x ``side`` and make it current."""
+    import keras
+
+    inputs = keras.Input((side, side, 1))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    out = keras.layers.Dense(1, activation="sigmoid")(x)
+    model = keras.Model(inputs, out)
+    model.layers[-1].set_weights([np.array([[20.0]], dtype="float32"), np.array([-10.0], dtype="float32")])
+    build = model_store.new_build_dir(store)
+    model.save(build / model_store.MODEL_FILE)
+    meta = {
+        "architecture": "tiny-test",
+        "preprocessing": PreprocessSpec(height=side, width=side).to_dict(),
+        "threshold": 0.5,
+        "temperature": 1.0,
+        "class_names": ["NORMAL", "PNEUMONIA"],
+    }
+    (build / model_store.METADATA_FILE).write_text(json.dumps(meta))
+
+    def stamp(version: str) -> None:
+        (build / model_store.METADATA_FILE).write_text(json.dumps({**meta, "version": version}))
+
+    version = model_store.publish(store, build, stamp)
+    model_store.set_current(store, version, reason="test")
+    return version
+
+
+class TestSwapBetweenDecodeAndInference:
+    def test_items_decoded_for_the_old_model_are_decoded_again(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """Decoded at 32x32, scored by a 16x16 model: decoded again from the claimed file, rows ok."""
+        cfg = make_config()
+        old = Predictor(cfg.model_store)
+        new_version = publish_sized(cfg.model_store, 16)
+        new = Predictor(cfg.model_store, new_version)
+        svc = Service(cfg, predictor=old)
+        svc.results.open()
+        claim = cfg.work_dir / "claimed" / "c1"
+        claim.mkdir(parents=True)
+        items = []
+        for img in fixture_images()[:3]:
+            shutil.copy(img, claim / img.name)
+            item = Item(rel=PurePosixPath(img.name), path=claim / img.name, claim_dir=claim)
+            load_item(item, old.spec, max_pixels=10**8, max_bytes=1 << 30)
+            assert item.model_input is not None and (32, 32, 1) == item.model_input.shape
+            items.append(item)
+        svc.predictor = new  # what _maybe_reload does when a new version is promoted
+        svc._finish(items)
+        rows = [dict(r) for r in read_rows(cfg.results)]
+        assert [new_version] * 3 == [r["model_version"] for r in rows]
+        assert ["ok"] * 3 == [r["status"] for r in rows], [r["error"] for r in rows]
+        assert {("224", "224")} == {(r["width"], r["height"]) for r in rows}
+        assert all(Path(r["destination"]).is_file() for r in rows)
+        assert not claim.exists()
