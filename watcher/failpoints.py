@@ -43,6 +43,9 @@ def torn_write(fd: int, data: bytes) -> None:
     with _lock:
         _hits += 1
         if _hits >= _COUNT:
-            os.write(fd, data[: len(data) // 2])
+            cut = max(1, len(data) // 2)
+            if data[cut - 1 : cut] == b"\n":
+                cut += 1  # inside a row, not between two
+            os.write(fd, data[:cut])
             os.fsync(fd)
             os.kill(os.getpid(), signal.SIGKILL)

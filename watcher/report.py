@@ -2,7 +2,9 @@
 
 The header is written once. Each batch's rows go out in one ``write`` on an ``O_APPEND``
 descriptor under an exclusive ``flock`` (several instances may share one file), followed by
-``fsync``. If the previous run died mid-write, the torn last line is cut off on open.
+``fsync``. If the previous run died mid-write, the torn last line is cut off on open; and
+since another instance sharing the file may die mid-write while this one runs, each append
+first checks the bytes added since its own last append and cuts a torn tail there too.
 """
 
 from __future__ import annotations
@@ -81,12 +83,14 @@ class ResultsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows_written = 0
+        self._good_end = 0  # a record boundary: the file size after our last open or append
 
     def _check_and_repair(self, fd: int) -> None:
         size = os.fstat(fd).st_size
         if size == 0:
             os.write(fd, _header())
             os.fsync(fd)
+            self._good_end = os.fstat(fd).st_size
             return
         head = os.pread(fd, min(size, 4096), 0)
         first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
@@ -95,19 +99,30 @@ class ResultsWriter:
                 f"{self.path} has header {first[:200]!r}, expected {','.join(COLUMNS)!r}: it was not "
                 "written by this version; move it aside or point 'results' at a new file"
             )
-        data = os.pread(fd, size, 0)
-        end = _last_complete_end(data)
-        if end == size:
-            return
-        torn = data[end:]
-        os.ftruncate(fd, end)
-        os.fsync(fd)
-        log.warning(
-            "results_torn_line_removed",
-            path=str(self.path),
-            removed_bytes=len(torn),
-            removed=torn[:200].decode("utf-8", errors="replace"),
-        )
+        self._good_end = 0
+        self._cut_torn_tail(fd, size)
+
+    def _cut_torn_tail(self, fd: int, size: int) -> int:
+        """Cut an incomplete last record (a writer died mid-write); returns the new size.
+
+        Only the bytes after ``_good_end`` (a record boundary) are read, so an append costs
+        what other instances wrote since, not the whole file.
+        """
+        start = self._good_end if self._good_end <= size else 0
+        data = os.pread(fd, size - start, start)
+        end = start + _last_complete_end(data)
+        if end < size:
+            torn = data[end - start :]
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+            log.warning(
+                "results_torn_line_removed",
+                path=str(self.path),
+                removed_bytes=len(torn),
+                removed=torn[:200].decode("utf-8", errors="replace"),
+            )
+        self._good_end = end
+        return end
 
     def open(self) -> ResultsWriter:
         """Create the file with its header, or check and repair an existing one."""
@@ -131,12 +146,14 @@ class ResultsWriter:
             return
         payload = _encode(rows)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ReportError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             before = os.fstat(fd).st_size
+            if before > 0:
+                before = self._cut_torn_tail(fd, before)  # another instance died mid-write?
             try:
                 if before == 0:
                     os.write(fd, _header())
@@ -147,6 +164,7 @@ class ResultsWriter:
                     short = f"short write, {written} of {len(payload)} bytes"
                     raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({short})")
                 os.fsync(fd)
+                self._good_end = os.fstat(fd).st_size
             except OSError:
                 os.ftruncate(fd, before)  # never leave a partial row for the next append
                 raise
