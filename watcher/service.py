@@ -348,12 +348,32 @@ class Service:
                         if item is not None:
                             items.append(item)
                     if items:
+                        self._sync_claims(items)
                         self._decode_batch(pool, items, max_bytes)
         except Exception:
             log.exception("decoder_crashed")
             self.request_stop()
         finally:
             self._decoded.put(None)
+
+    def _sync_claims(self, items: list[Item]) -> None:
+        """Make the batch's claim renames durable before any of its rows can be.
+
+        Otherwise a power cut could bring a file back into the inbox after its row was
+        written, and it would be processed twice. One fsync per folder touched, per batch.
+        """
+        folders: set[Path] = set()
+        for item in items:
+            folder = item.path.parent
+            while folder != self.claim_root.parent and self.claim_root.parent in folder.parents:
+                folders.add(folder)  # the file's claim folders, up to the claim root
+                folder = folder.parent
+            folders.add(self.cfg.inbox.joinpath(*item.rel.parts).parent)  # where it was taken from
+        for folder in sorted(folders):
+            try:
+                fsync_dir(folder)
+            except OSError as exc:  # the rows and moves are fsynced too; log, never stop here
+                log.warning("claim_fsync_failed", folder=str(folder), error=exc.strerror or str(exc))
 
     def _decode_batch(self, pool: ThreadPoolExecutor, items: list[Item], max_bytes: int) -> None:
         assert self.predictor is not None
