@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import fixture_images
-from tests.harness import check_exactly_once, leftovers, png_bytes, run_once, sha, wait_for
+from tests.harness import check_exactly_once, leftovers, png_bytes, read_csv_both, run_once, sha, wait_for
 from tests.test_service import Daemon
 from watcher.config import Config, load_config
 from watcher.inference import Predictor
@@ -99,7 +99,13 @@ class TestSharedResultsFile:
                 data = img.read_bytes()
                 (cfg_b.inbox / img.name).write_bytes(data)
                 originals[sha(data)] = data
-            wait_for(lambda: len(read_rows(cfg_b.results)) >= 6, 30, "B's rows after A died")
+
+            def b_rows() -> int:
+                return sum(r["instance"] == "host-b" for r in read_rows(cfg_b.results))
+
+            wait_for(lambda: 6 == b_rows(), 30, "B's rows after A died")
+            rows = read_csv_both(cfg_b.results)  # before A restarts: B itself cut the torn line
+            assert 6 == sum(r["instance"] == "host-b" for r in rows)
         finally:
             b.request_stop()
             b_thread.join(30)
