@@ -179,6 +179,7 @@ class TestAugment:
             p_noise=0,
             p_jpeg=0,
             p_class_aspect=1.0,
+            aspect=1.0,
         )
 
         def size(label: int) -> tuple[int, int]:

@@ -3,17 +3,20 @@
 Metrics are pure numpy. PNEUMONIA is the positive class; a score ``>= threshold`` is positive.
 
 Threshold rule (``choose_threshold``): among cut points whose sensitivity on validation is at
-least ``min_sensitivity`` (0.95), take the one with the largest Youden J = sensitivity +
+least ``min_sensitivity`` (0.97), take the one with the largest Youden J = sensitivity +
 specificity - 1, and place the threshold halfway between that score and the next lower one.
-Why: a missed pneumonia costs more than a false alarm, hence the sensitivity floor; above
+Why: the requirement (issue 3) is sensitivity >= 0.97 with specificity >= 0.90, and a missed
+pneumonia costs more than a false alarm, hence the floor at the required sensitivity; above
 it, Youden J weighs both classes equally, so it does not depend on the class mix, which
 differs between our training folder (74% PNEUMONIA) and the clinic's test data (62.5%); and
-because the known failure mode under distribution shift is NORMAL called PNEUMONIA, pushing
-the threshold lower than the floor requires would only make that worse.
+because the known failure mode under distribution shift is NORMAL called PNEUMONIA, the
+threshold is not pushed lower than the floor requires. (A floor of 0.95 was tried first: on
+the era split it put the dsnet threshold at 0.84 with sensitivity 0.950, below the requirement.)
 
-Calibration: ``fit_temperature`` finds T > 0 minimising the negative log-likelihood of
-``sigmoid(logit(p) / T)`` on validation (a 1-D golden-section search over log T), the
-transform ``watcher.inference.calibrate`` applies at serving time.
+Calibration: ``fit_platt`` (used by training) fits ``sigmoid(a * logit(p) + c)``; the shift
+is folded into the model and ``1 / a`` served as the temperature. ``fit_temperature`` finds
+T > 0 minimising the negative log-likelihood of ``sigmoid(logit(p) / T)`` on validation (a
+1-D golden-section search over log T), the transform ``watcher.inference.calibrate`` applies.
 """
 
 from __future__ import annotations
@@ -299,7 +302,7 @@ def fit_platt(y_true: npt.ArrayLike, raw_probs: npt.ArrayLike, iterations: int =
     return float(w[0]), float(w[1])
 
 
-def choose_threshold(y_true: npt.ArrayLike, probs: npt.ArrayLike, min_sensitivity: float = 0.95) -> float:
+def choose_threshold(y_true: npt.ArrayLike, probs: npt.ArrayLike, min_sensitivity: float = 0.97) -> float:
     """Max Youden J subject to sensitivity >= ``min_sensitivity`` (see module docstring)."""
     y, p = _arrays(y_true, probs)
     if y.size == 0 or len(np.unique(y)) < 2:

@@ -70,8 +70,8 @@ class AugmentOptions:
     rotate_deg: float = 7.0
     scale: tuple[float, float] = (0.9, 1.12)
     shift: float = 0.06  # fraction of the image side
-    aspect: float = 1.0  # max width:height stretch factor (1 = off); originals differ in aspect by class
-    p_class_aspect: float = 0.0  # see augment_grey: de-correlates apparent chest width from the class
+    aspect: float = 1.15  # max random width:height stretch factor (1 = off)
+    p_class_aspect: float = 0.5  # see augment_grey: de-correlates apparent chest width from the class
     class_aspect: float = 0.79  # PNEUMONIA/NORMAL width squeeze (fullres medians 1.24 vs 1.57 w:h)
     p_downup: float = 0.5  # squeeze through a lower resolution and back
     downup: tuple[float, float] = (0.3, 0.85)
@@ -105,12 +105,12 @@ class TrainOptions:
     val_fraction: float = 0.2
     batch_size: int | None = None
     learning_rate: float | None = None
-    time_budget_s: float | None = None  # stop before an epoch would end past this
-    patience: int = 8
+    time_budget_s: float | None = None  # stop before an epoch would end past this; None: arch default
+    patience: int = 10
     augment: bool | None = None
     augmentation: AugmentOptions = field(default_factory=AugmentOptions)
     spec: PreprocessSpec | None = None  # override the architecture's preprocessing
-    min_sensitivity: float = 0.95
+    min_sensitivity: float = 0.97  # threshold rule: see watcher.evaluation
     n_boot: int = 1000
     verbose: int | None = None  # Keras fit verbosity; None: bar on a TTY, a line per epoch else
 
@@ -420,12 +420,12 @@ def _calibrate_model(
     """Platt-scale on validation: the logit shift is folded into the output bias, T is returned.
 
     Falls back to a plain temperature when the model has no final sigmoid Dense layer with a
-    bias, or the fitted slope is not positive.
+    bias, or the fitted slope is outside 0.05..20 (a degenerate fit, e.g. on a handful of images).
     """
     a, c = evaluation.fit_platt(y_val, raw)
     last = model.layers[-1]
     activation = getattr(getattr(last, "activation", None), "__name__", "")
-    if a <= 0 or not getattr(last, "use_bias", False) or activation != "sigmoid":
+    if not 0.05 < a < 20 or not getattr(last, "use_bias", False) or activation != "sigmoid":
         t = evaluation.fit_temperature(y_val, raw)
         return {"method": "temperature scaling (NLL on validation)", "temperature": t, "logit_shift": 0.0}
     shift = c / a
@@ -439,6 +439,13 @@ def _calibrate_model(
         "platt_a": a,
         "platt_c": c,
     }
+
+
+def _unshift_model(model: Any, shift: float) -> None:
+    """Take a folded logit shift out of the output layer's bias again."""
+    if shift:
+        kernel, bias = model.layers[-1].get_weights()
+        model.layers[-1].set_weights([kernel, bias - np.float32(shift)])
 
 
 def compare_with_current(
@@ -494,6 +501,7 @@ def train(opts: TrainOptions) -> str:
     epochs = opts.epochs if opts.epochs is not None else arch_def.epochs
     batch_size = opts.batch_size or arch_def.batch_size
     lr = opts.learning_rate or arch_def.learning_rate
+    budget = opts.time_budget_s if opts.time_budget_s is not None else arch_def.time_budget_s
     augment = arch_def.augment if opts.augment is None else opts.augment
     if epochs < 1:
         raise TrainingError(f"epochs must be >= 1, got {epochs}")
@@ -534,7 +542,7 @@ def train(opts: TrainOptions) -> str:
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
-    tracker = _BestAndBudget.make(opts.patience, opts.time_budget_s, started)
+    tracker = _BestAndBudget.make(opts.patience, budget, started)
     verbose = opts.verbose if opts.verbose is not None else (1 if sys.stdout.isatty() else 2)
     log.info(
         "train_start",
@@ -567,8 +575,17 @@ def train(opts: TrainOptions) -> str:
 
     raw_before = raw_scores(model)
     calibration = _calibrate_model(model, y_val, raw_before)
-    temperature = float(calibration["temperature"])
     raw = raw_scores(model)
+    if abs(evaluation.roc_auc(y_val, raw) - evaluation.roc_auc(y_val, raw_before)) > 1e-6:
+        # the shifted outputs saturated in float32 and lost their order: undo, use a temperature
+        _unshift_model(model, float(calibration["logit_shift"]))
+        calibration = {
+            "method": "temperature scaling (NLL on validation); Platt shift undone: it saturated the outputs",
+            "temperature": evaluation.fit_temperature(y_val, raw_before),
+            "logit_shift": 0.0,
+        }
+        raw = raw_scores(model)
+    temperature = float(calibration["temperature"])
     probs = evaluation.apply_temperature(raw, temperature)
     threshold = evaluation.choose_threshold(y_val, probs, opts.min_sensitivity)
     groups = [samples[i].group for i in va]
@@ -627,7 +644,7 @@ def train(opts: TrainOptions) -> str:
                 "best_epoch": tracker.best_epoch + 1,
                 "stop_reason": tracker.stop_reason,
                 "patience": opts.patience,
-                "time_budget_s": opts.time_budget_s,
+                "time_budget_s": budget,
                 "seed": opts.seed,
                 "batch_size": batch_size,
                 "optimizer": {
