@@ -189,3 +189,31 @@ class TestAugment:
         assert (16, 16) == size(-1)
         assert size(0)[0] > 16 == size(0)[1]
         assert size(1)[1] > 16 == size(1)[0]
+
+
+class TestArchitectures:
+    def test_seed_parameter_count(self) -> None:
+        """--arch seed reproduces the seed CNN: 651,009 parameters, 150x150x1 in, (n, 1) out."""
+        from watcher.architectures import build
+
+        model = build("seed")
+        assert (651_009, (None, 150, 150, 1), (None, 1)) == (
+            model.count_params(),
+            tuple(model.input_shape),
+            tuple(model.output_shape),
+        )
+
+    def test_default_arch_is_small(self) -> None:
+        """The default architecture stays compact (well under 1 M parameters)."""
+        from watcher.architectures import DEFAULT_ARCH, build, defaults
+
+        model = build(DEFAULT_ARCH)
+        assert model.count_params() < 1_000_000
+        assert (defaults(DEFAULT_ARCH).spec.height, 1) == (model.input_shape[1], model.output_shape[1])
+
+    def test_unknown_arch(self) -> None:
+        """An unknown name is a ValueError listing the known ones."""
+        from watcher.architectures import build
+
+        with pytest.raises(ValueError, match="seed"):
+            build("resnet9000")
