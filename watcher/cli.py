@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import structlog
 
 from watcher import __version__, model_store
-from watcher.config import Config, load_config
+from watcher.config import Config, DecodeConfig, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.logs import configure_logging
 
@@ -104,6 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from watcher.service import Item, load_item
 
     predictor = Predictor(_store_from(args), args.model_version)
+    limits = DecodeConfig()  # the daemon's default decode limits
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(
         ["file", "sha256", "status", "label", "probability", "threshold", "model_version", "error"]
@@ -113,8 +114,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         item = load_item(
             Item(rel=PurePosixPath(str(path)), path=path),
             predictor.spec,
-            max_pixels=100_000_000,
-            max_bytes=512 << 20,
+            max_pixels=limits.max_pixels,
+            max_bytes=limits.max_file_mb << 20,
         )
         if item.error or item.model_input is None:
             failed += 1

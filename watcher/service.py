@@ -30,10 +30,10 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -70,7 +70,6 @@ class Item:
     error: str = ""
     known_destination: str = ""  # recovery: the row exists already, only the move is owed
     claim_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def read_file(path: Path, max_bytes: int) -> bytes:
