@@ -12,9 +12,12 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -164,3 +167,40 @@ def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+class Daemon:
+    """A real `python -m watcher run` subprocess with its JSON log lines."""
+
+    def __init__(self, cfg: Config, env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.lines: list[dict[str, object]] = []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "run", "--config", str(cfg.source)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"event": "raw", "text": line})
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.lines if e.get("event") == name]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=60)
+        self._reader.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return rc

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from tests.harness import check_exactly_once, png_bytes, sha, wait_for
-from tests.test_service import Daemon
+from tests.harness import Daemon, check_exactly_once, png_bytes, sha, wait_for
 from watcher.config import Config
 from watcher.inference import Predictor
 from watcher.ingest import Ingest

@@ -19,8 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import FULLRES, fixture_images
-from tests.harness import check_exactly_once, png_bytes, run_once, sha, small_tmpfs, wait_for
-from tests.test_service import Daemon
+from tests.harness import Daemon, check_exactly_once, png_bytes, run_once, sha, small_tmpfs, wait_for
 from watcher.config import Config
 from watcher.inference import Predictor
 from watcher.report import read_rows

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FULLRES
-from tests.harness import check_exactly_once, png_bytes, sha, small_tmpfs, wait_for
-from tests.test_service import Daemon
+from tests.harness import Daemon, check_exactly_once, png_bytes, sha, small_tmpfs, wait_for
 from watcher.config import Config
 from watcher.report import read_rows
 

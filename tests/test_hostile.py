@@ -27,8 +27,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from tests.conftest import FULLRES, fixture_images
-from tests.harness import bomb_png, read_csv_both, run_once, sha, small_tmpfs, wait_for
-from tests.test_service import Daemon
+from tests.harness import Daemon, bomb_png, read_csv_both, run_once, sha, small_tmpfs, wait_for
 from watcher.config import Config, load_config
 from watcher.errors import DecodeError
 from watcher.imaging import decode_bytes

@@ -12,8 +12,16 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import fixture_images
-from tests.harness import check_exactly_once, leftovers, png_bytes, read_csv_both, run_once, sha, wait_for
-from tests.test_service import Daemon
+from tests.harness import (
+    Daemon,
+    check_exactly_once,
+    leftovers,
+    png_bytes,
+    read_csv_both,
+    run_once,
+    sha,
+    wait_for,
+)
 from watcher.config import Config, load_config
 from watcher.inference import Predictor
 from watcher.report import read_rows

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import FULLRES, fixture_images, publish_tiny
+from tests.harness import Daemon, wait_for
 from watcher.config import Config
 from watcher.errors import WatcherError
 from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
@@ -197,52 +194,6 @@ class TestRunOnce:
         assert ["v0001"] == [r["model_version"] for r in rows_of(cfg)]
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Daemon:
-    """A real `python -m watcher run` subprocess with its JSON log lines."""
-
-    def __init__(self, cfg: Config, env: dict[str, str] | None = None) -> None:
-        self.cfg = cfg
-        self.lines: list[dict[str, object]] = []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", "--config", str(cfg.source)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.lines.append(json.loads(line))
-            except ValueError:
-                self.lines.append({"event": "raw", "text": line})
-
-    def events(self, name: str) -> list[dict[str, object]]:
-        return [e for e in self.lines if e.get("event") == name]
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=60)
-        self._reader.join(5)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return rc
-
-
 class TestDaemon:
     def test_picks_up_dropped_file_swaps_model_and_stops_on_sigterm(
         self, make_config: Callable[..., Config]
@@ -251,18 +202,18 @@ class TestDaemon:
         cfg = make_config()
         d = Daemon(cfg)
         try:
-            _wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
             img = fixture_images()[0]
             tmp = cfg.inbox / ".incoming.jpeg"
             tmp.write_bytes(img.read_bytes())
             tmp.rename(cfg.inbox / "dropped.jpeg")  # the write-then-rename convention
-            _wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the first row")
+            wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the first row")
             assert "v0001" == rows_of(cfg)[0]["model_version"]
 
             v2 = publish_tiny(cfg.model_store, bias=-5.0, threshold=0.7)
-            _wait_for(lambda: bool(d.events("model_swapped")), 30, "the model swap")
+            wait_for(lambda: bool(d.events("model_swapped")), 30, "the model swap")
             shutil.copy(img, cfg.inbox / "second.jpeg")
-            _wait_for(lambda: len(rows_of(cfg)) == 2, 30, "the second row")
+            wait_for(lambda: len(rows_of(cfg)) == 2, 30, "the second row")
             assert v2 == rows_of(cfg)[1]["model_version"]
             assert "0.700000" == rows_of(cfg)[1]["threshold"]
         finally:
@@ -277,7 +228,7 @@ class TestDaemon:
         cfg = make_config(ingest={"settle_ms": 1000})
         d = Daemon(cfg)
         try:
-            _wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
             data = FULLRES[0].read_bytes()
             chunks = [data[i : i + len(data) // 6 + 1] for i in range(0, len(data), len(data) // 6 + 1)]
             with (cfg.inbox / "slow.jpeg").open("wb") as fh:
@@ -286,7 +237,7 @@ class TestDaemon:
                     fh.flush()
                     time.sleep(0.5)
                     assert [] == rows_of(cfg), "read before the writer finished"
-            _wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the row of the slow file")
+            wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the row of the slow file")
             row = rows_of(cfg)[0]
             assert "ok" == row["status"], row["error"]
         finally:
