@@ -58,6 +58,65 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DicomConfig:
+    """Which DICOM objects are scored."""
+
+    accept_any_body_part: bool = False  # score non-chest BodyPartExamined / non-radiograph modalities too
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """The DICOM Storage SCP (``xray-watcher listen``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "XRAY_WATCHER"
+    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title is accepted
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Grad-CAM heat maps for each scored file."""
+
+    enabled: bool = False
+    folder: Path = Path("heatmaps")  # relative: against the config file's folder
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """The static review page."""
+
+    page: str = "review.html"  # relative: beside results.csv; empty: no page
+    max_rows: int = 200
+    interval_s: float = 5.0  # rewritten at most this often while files arrive
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (port 0: off)."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Rotation and retention of results.csv, and the disk-space warning."""
+
+    rotate: Literal["never", "daily", "monthly", "size"] = "monthly"
+    max_mb: int = 100  # rotate: size
+    keep: int = 0  # rotated files kept; 0: all
+    min_free_mb: int = 1024  # warn when the results' filesystem has less free
+
+
+@dataclass(frozen=True)
+class FilingConfig:
+    """How processed/ and failed/ are laid out."""
+
+    layout: Literal["label", "date/label"] = "label"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole service configuration; every path is absolute."""
 
@@ -70,6 +129,13 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    filing: FilingConfig = field(default_factory=FilingConfig)
     instance_id: str = ""
     model_poll_s: float = 10.0
     source: Path | None = None
@@ -78,6 +144,19 @@ class Config:
     def work_dir(self) -> Path:
         """This instance's claim folder inside the inbox (hidden, so never scanned)."""
         return self.inbox / ".xray-watcher" / self.instance_id
+
+    @property
+    def review_page(self) -> Path | None:
+        """The review page's path (relative names: beside results.csv), or None when off."""
+        if not self.review.page:
+            return None
+        page = Path(self.review.page).expanduser()
+        return page if page.is_absolute() else self.results.parent / page
+
+    @property
+    def status_file(self) -> Path:
+        """The state file the daemon rewrites for ``xray-watcher status``."""
+        return self.work_dir / "status.json"
 
 
 _FOLDER_KEYS = ("inbox", "processed", "failed", "model_store")
@@ -90,7 +169,12 @@ _POSITIVE_KEYS = {
     "decode.max_pixels",
     "decode.max_file_mb",
     "model_poll_s",
+    "review.max_rows",
+    "review.interval_s",
+    "report.max_mb",
+    "listener.port",
 }
+_NON_NEGATIVE_KEYS = {"ingest.settle_ms", "metrics.port", "report.keep", "report.min_free_mb"}
 
 
 def _type_name(tp: Any) -> str:
@@ -172,7 +256,7 @@ def _build(cls: Any, raw: dict[str, Any], prefix: str, source: Path) -> Any:
         value = _convert(raw[f.name], hints[f.name], key, source)
         if key in _POSITIVE_KEYS and value <= 0:
             raise ConfigError(f"{source}: key '{key}' must be greater than 0, got {value!r}")
-        if key == "ingest.settle_ms" and value < 0:
+        if key in _NON_NEGATIVE_KEYS and value < 0:
             raise ConfigError(f"{source}: key '{key}' must be 0 or more, got {value!r}")
         kwargs[f.name] = value
     return cls(**kwargs)
@@ -205,13 +289,21 @@ def load_config(path: str | Path) -> Config:
         dest = getattr(cfg, key).resolve()
         if dest == inbox or inbox in dest.parents:
             raise ConfigError(f"{source}: key '{key}' must not be inside the inbox ({inbox})")
+    for key in ("listener.port", "metrics.port"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) > 65535:
+            raise ConfigError(f"{source}: key '{key}' must be a TCP port (0-65535)")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.ingest.extensions)
     instance = cfg.instance_id or socket.gethostname() or "local"
     if "/" in instance or instance.startswith("."):
         raise ConfigError(f"{source}: key 'instance_id' must be a plain name, got {instance!r}")
+    folder = cfg.explain.folder.expanduser()
+    if not folder.is_absolute():
+        folder = source.parent / folder
     return dataclasses.replace(
         cfg,
         ingest=dataclasses.replace(cfg.ingest, extensions=exts),
+        explain=dataclasses.replace(cfg.explain, folder=folder),
         instance_id=instance,
         source=source,
     )
