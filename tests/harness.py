@@ -52,6 +52,20 @@ def run_once(
     )
 
 
+def inotify_watches(pid: int) -> int:
+    """How many inotify watches a process holds, over all its inotify descriptors (/proc fdinfo)."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        n += sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
+    return n
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

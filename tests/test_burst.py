@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from tests.harness import Daemon, check_exactly_once, png_bytes, sha, wait_for
+from tests.harness import Daemon, check_exactly_once, inotify_watches, png_bytes, sha, wait_for
 from watcher.config import Config
 from watcher.inference import Predictor
 from watcher.ingest import Ingest
@@ -36,7 +36,8 @@ def proc_status(pid: int) -> dict[str, int]:
 
 class TestBurst:
     def test_ten_thousand_files_at_once(self, make_config: Callable[..., Config], tmp_path: Path) -> None:
-        """10,000 files dropped at once: one row each, all filed, peak memory far below the burst's size."""
+        """10,000 files dropped at once: one row each, all filed, peak memory far below the burst's size,
+        and not one inotify watch added or dropped while they pass through the claim folders."""
         cfg = make_config(batch={"max_size": 64, "max_wait_ms": 100}, ingest={"settle_ms": 300})
         stage = tmp_path / "stage"
         stage.mkdir()
@@ -51,14 +52,32 @@ class TestBurst:
             wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
             time.sleep(0.5)
             before = proc_status(d.proc.pid)
+            watches_before = inotify_watches(d.proc.pid)
+            seen_watches: set[int] = set()
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.wait(0.02):
+                    seen_watches.add(inotify_watches(d.proc.pid))
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
             t0 = time.monotonic()
-            for path in sorted(stage.iterdir()):
-                path.rename(cfg.inbox / path.name)  # all dropped within a fraction of a second
-            wait_for(lambda: len(read_rows(cfg.results)) >= N_BURST, 240, "a row for every file")
+            try:
+                for path in sorted(stage.iterdir()):
+                    path.rename(cfg.inbox / path.name)  # all dropped within a fraction of a second
+                wait_for(lambda: len(read_rows(cfg.results)) >= N_BURST, 240, "a row for every file")
+            finally:
+                sampling.set()
+                sampler.join()
             elapsed = time.monotonic() - t0
             after = proc_status(d.proc.pid)
+            watches_after = inotify_watches(d.proc.pid)
         finally:
             assert 0 == d.stop()
+        assert 1 == watches_before, "the inbox alone should be watched (its work folder is hidden)"
+        assert {watches_before} == seen_watches | {watches_after}, "watches came and went during the burst"
+        assert not d.events("observer_died_restarting")
         growth_mib = (after["VmHWM"] - before["VmHWM"]) / 1024
         peak = f"{before['VmHWM'] / 1024:.0f} -> {after['VmHWM'] / 1024:.0f} MiB (+{growth_mib:.0f} MiB)"
         print(f"burst of {N_BURST} files: {elapsed:.1f} s, {N_BURST / elapsed:.0f} files/s; peak RSS {peak}")

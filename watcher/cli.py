@@ -18,7 +18,7 @@ import structlog
 from watcher import __version__, model_store
 from watcher.config import Config, DecodeConfig, load_config
 from watcher.errors import ConfigError, WatcherError
-from watcher.logs import configure_logging
+from watcher.logs import capture_thread_crashes, configure_logging
 
 log = structlog.get_logger()
 
@@ -94,6 +94,7 @@ def _store_from(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from watcher.service import Service
 
+    capture_thread_crashes()
     service = Service(cfg)
     service.install_signal_handlers()
     return service.run(once=args.once)

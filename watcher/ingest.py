@@ -1,7 +1,10 @@
 """Finding inbox files that are complete and ours to take. No TensorFlow here.
 
 Sources of candidates: a startup scan, watchdog events, and a periodic rescan (which also
-covers inotify queue overflows and a dead observer thread). A candidate becomes *ready*
+covers inotify queue overflows and a dead observer thread). The observer never watches a
+hidden folder: neither inotify watches nor polling snapshots enter names with a leading dot,
+so the daemon's own work folder ``inbox/.xray-watcher/`` (claims, lock, state) raises no
+events and costs no watches, however many claim folders come and go. A candidate becomes *ready*
 once it is fully written: after its close-write event, or when its size and mtime have
 not changed for ``settle_ms``. Hidden files (leading dot, which also hides our own work
 folder ``.xray-watcher``) and ``*.part``/``*.tmp`` files are never candidates, so writers
@@ -27,7 +30,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from watcher.config import Config
 
@@ -35,6 +38,70 @@ log = structlog.get_logger()
 
 PARTIAL_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 CLOSE_GRACE_S = 0.2
+
+
+def _is_hidden_below(root: bytes, path: bytes) -> bool:
+    """Whether a part of ``path`` below ``root`` starts with a dot."""
+    prefix = root.rstrip(b"/") + b"/"
+    if not path.startswith(prefix):
+        return False
+    return any(part.startswith(b".") for part in path[len(prefix) :].split(b"/"))
+
+
+def _visible_scandir(path: str | None) -> Iterator[os.DirEntry[str]]:
+    """``os.scandir`` without hidden entries: polling snapshots never enter hidden folders."""
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if not entry.name.startswith("."):
+                yield entry
+
+
+def _make_native_observer() -> BaseObserver:
+    """watchdog's inotify observer, with no watch ever placed in a hidden folder.
+
+    watchdog watches every folder below the root, its own bookkeeping racing with folders
+    that come and go quickly (the claim folders of ``.xray-watcher/``). watchdog has no
+    public way to exclude folders from its watches, so this subclasses its watch group
+    (watchdog 7.x; pinned in pyproject.toml, and tests check the watch table). Where the
+    inotify observer is not available (not Linux), the platform's default is used.
+    """
+    try:
+        from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
+    except ImportError:  # pragma: no cover - not Linux
+        return Observer()
+
+    class VisibleWatchGroup(InotifyWatchGroup):
+        def _add_callback(self, path: bytes) -> None:
+            if _is_hidden_below(self.path, path):
+                return
+            super()._add_callback(path)
+
+        def _add_all_callbacks(self, path: bytes) -> None:
+            if _is_hidden_below(self.path, path):
+                return
+            self._add_callback(path)
+            if not (self.is_recursive and os.path.isdir(path)):
+                return
+            for root, dirnames, _ in os.walk(path, followlinks=False):
+                dirnames[:] = [d for d in dirnames if not d.startswith(b".")]
+                for dirname in dirnames:
+                    full_path = os.path.join(root, dirname)
+                    if not os.path.islink(full_path):
+                        self._add_callback(full_path)
+
+    class VisibleEmitter(InotifyEmitter):
+        def on_thread_start(self) -> None:
+            self._inotify = VisibleWatchGroup(
+                self._inotify_fd,
+                os.fsencode(self.watch.path),
+                is_recursive=self.watch.is_recursive,
+                event_mask=self.get_event_mask_from_filter(),
+                follow_symlink=self.watch.follow_symlink,
+            )
+
+    observer = InotifyObserver()
+    observer._emitter_class = VisibleEmitter
+    return observer
 
 
 def is_candidate(inbox: Path, path: Path, extensions: tuple[str, ...]) -> bool:
@@ -178,9 +245,11 @@ class Ingest:
 
     def _make_observer(self) -> BaseObserver:
         if self.cfg.ingest.observer == "polling":
-            observer: BaseObserver = PollingObserver(timeout=self.cfg.ingest.poll_interval_ms / 1000.0)
+            observer: BaseObserver = PollingObserverVFS(
+                os.stat, _visible_scandir, polling_interval=self.cfg.ingest.poll_interval_ms / 1000.0
+            )
         else:
-            observer = Observer()
+            observer = _make_native_observer()
         observer.schedule(_Handler(self), str(self.inbox), recursive=True)
         return observer
 
@@ -215,6 +284,9 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
+            target = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
+            if _is_hidden_below(os.fsencode(self.ingest.inbox), os.fsencode(target)):
+                return  # e.g. the work folder's first creation, or a file renamed to a hidden name
             if event.is_directory:
                 if event.event_type in ("created", "moved"):
                     # a folder moved in whole brings files that raise no events of their own

@@ -46,6 +46,7 @@ from watcher.fsutil import fsync_dir
 from watcher.imaging import ModelInput, PreprocessSpec, decode_bytes, preprocess
 from watcher.inference import Predictor
 from watcher.ingest import Ingest
+from watcher.logs import capture_library_warnings
 from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
 
 log = structlog.get_logger()
@@ -198,6 +199,7 @@ class Service:
 
     def run(self, once: bool = False, on_ready: Callable[[], None] | None = None) -> int:
         """Process the inbox; with ``once`` return when it is empty, else run until stopped."""
+        capture_library_warnings()
         self._lock.acquire()
         try:
             self.results.open()

@@ -1,0 +1,137 @@
+"""The observer: which folders it watches, which events reach the service, library warnings."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.harness import Daemon, check_exactly_once, inotify_watches, png_bytes, sha, wait_for
+from watcher.config import Config
+from watcher.ingest import Ingest, is_candidate, scan_inbox
+from watcher.logs import capture_library_warnings
+from watcher.report import read_rows
+
+
+@pytest.fixture(params=["native", "polling"])
+def observer_cfg(request: pytest.FixtureRequest, make_config: Callable[..., Config]) -> Config:
+    return make_config(ingest={"observer": request.param, "poll_interval_ms": 100, "settle_ms": 100})
+
+
+class TestWatches:
+    def test_hidden_folders_get_no_watch_and_no_events(self, make_config: Callable[..., Config]) -> None:
+        """Visible folders are watched (new ones too); hidden ones and their churn never are."""
+        cfg = make_config(ingest={"settle_ms": 100})
+        (cfg.inbox / "ward1" / "bed2").mkdir(parents=True)
+        (cfg.inbox / ".hidden" / "deep").mkdir(parents=True)
+        (cfg.work_dir / "claimed" / "c0").mkdir(parents=True)
+        ingest = Ingest(cfg)
+        base = inotify_watches(os.getpid())
+        ingest.start()
+        try:
+            assert 3 == inotify_watches(os.getpid()) - base  # inbox, ward1, ward1/bed2
+            for i in range(50):  # what claiming does, and a user's hidden folder
+                claim = cfg.work_dir / "claimed" / f"c{i + 1}" / "sub"
+                claim.mkdir(parents=True)
+                (claim / "x.png").write_bytes(png_bytes(i))
+                (cfg.inbox / ".hidden" / "deep" / f"h{i}.png").write_bytes(png_bytes(i))
+            assert 3 == inotify_watches(os.getpid()) - base
+            (cfg.inbox / "ward2").mkdir()
+            (cfg.inbox / "ward2" / "new.png").write_bytes(png_bytes(99))
+            wait_for(lambda: ingest.pending_count() + ingest.ready.qsize() >= 1, 10, "the visible file")
+            time.sleep(0.3)
+            assert 4 == inotify_watches(os.getpid()) - base
+            seen = ingest.pending_count() + ingest.ready.qsize()
+            assert 1 == seen, "a file in a hidden folder reached the service"
+        finally:
+            ingest.stop()
+
+    def test_both_observers_find_files_but_never_enter_hidden_folders(self, observer_cfg: Config) -> None:
+        """Native and polling observers report a visible file and ignore hidden folders entirely."""
+        cfg = observer_cfg
+        (cfg.inbox / ".hidden").mkdir()
+        ingest = Ingest(cfg)
+        ingest.start()
+        try:
+            (cfg.inbox / ".hidden" / "a.png").write_bytes(png_bytes(1))
+            (cfg.inbox / "sub").mkdir()
+            (cfg.inbox / "sub" / "b.png").write_bytes(png_bytes(2))
+            got = ingest.ready.get(timeout=10)
+            assert cfg.inbox / "sub" / "b.png" == got
+            time.sleep(0.5)
+            assert 0 == ingest.pending_count() + ingest.ready.qsize()
+        finally:
+            ingest.stop()
+
+    def test_candidates_exclude_hidden_paths(self, make_config: Callable[..., Config]) -> None:
+        """is_candidate and scan_inbox skip anything below a hidden name."""
+        cfg = make_config()
+        (cfg.inbox / ".x" / "y").mkdir(parents=True)
+        (cfg.inbox / ".x" / "y" / "a.png").write_bytes(b"x")
+        (cfg.inbox / "b.png").write_bytes(b"x")
+        assert [cfg.inbox / "b.png"] == list(scan_inbox(cfg.inbox, cfg.ingest.extensions))
+        assert not is_candidate(cfg.inbox, cfg.inbox / ".x" / "y" / "a.png", cfg.ingest.extensions)
+
+
+class TestLibraryWarnings:
+    def test_a_library_warning_in_a_thread_is_a_log_event_not_an_exception(self) -> None:
+        """Under -W error (this suite), a library's warning in a daemon thread is logged, the thread lives."""
+        errors: list[BaseException] = []
+
+        def thread_body() -> None:
+            try:
+                warnings.warn_explicit(
+                    "Callback with id '1' already exists for watch",
+                    RuntimeWarning,
+                    "inotify_c.py",
+                    450,
+                    module="watchdog.observers.inotify_c",
+                )
+            except BaseException as exc:  # what used to kill the observer thread
+                errors.append(exc)
+
+        with warnings.catch_warnings(), capture_logs() as logs:
+            warnings.simplefilter("error")
+            capture_library_warnings()
+            t = threading.Thread(target=thread_body)
+            t.start()
+            t.join()
+            with pytest.raises(UserWarning):  # our own package's warnings still fail the suite
+                warnings.warn_explicit("ours", UserWarning, "service.py", 1, module="watcher.service")
+        assert [] == errors
+        events = [e for e in logs if e["event"] == "library_warning"]
+        assert 1 == len(events)
+        assert "RuntimeWarning" == events[0]["category"]
+        assert "already exists" in events[0]["message"]
+
+    def test_daemon_under_pythonwarnings_error_keeps_its_observer(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """480 files moved into 5 subfolders of a daemon run with PYTHONWARNINGS=error: no restart, no traceback."""
+        cfg = make_config(batch={"max_size": 16, "max_wait_ms": 50}, ingest={"settle_ms": 100})
+        stage = tmp_path / "stage"
+        originals = {}
+        for k in range(5):
+            (stage / f"w{k}").mkdir(parents=True)
+            for i in range(96):
+                data = png_bytes(k * 1000 + i)
+                (stage / f"w{k}" / f"f{i:03d}.png").write_bytes(data)
+                originals[sha(data)] = data
+        d = Daemon(cfg, env={"PYTHONWARNINGS": "error"})
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to watch")
+            for k in range(5):
+                (stage / f"w{k}").rename(cfg.inbox / f"w{k}")
+            wait_for(lambda: len(read_rows(cfg.results)) >= len(originals), 120, "a row for every file")
+        finally:
+            assert 0 == d.stop()
+        check_exactly_once(cfg, originals)
+        assert [] == d.events("observer_died_restarting")
+        raw = [e["text"] for e in d.events("raw") if "Traceback" in str(e.get("text"))]
+        assert [] == raw
