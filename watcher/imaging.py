@@ -8,7 +8,6 @@ stored in each model version's metadata, so serving cannot drift from training.
 
 from __future__ import annotations
 
-import io
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from watcher import dicom
+from watcher.dicom import DicomInfo
 from watcher.errors import DecodeError
 
 GreyImage = npt.NDArray[np.uint8]
@@ -60,7 +61,7 @@ def sniff_format(data: bytes) -> str:
         return "jpeg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if dicom.looks_like_dicom(data):  # with the preamble, or a bare data set without one
         return "dicom"
     return "unknown"
 
@@ -153,35 +154,20 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int) -> GreyImage:
     return to_uint8(img)
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> GreyImage:
-    try:
-        import pydicom
-        from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-    except ImportError as exc:  # pragma: no cover - pydicom is a hard dependency
-        raise DecodeError("DICOM support needs pydicom, which is not installed") from exc
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise DecodeError(f"DICOM header could not be read: {exc}") from exc
-    _check_pixels(cols, rows, max_pixels)
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        raise DecodeError(f"DICOM pixel data could not be decoded: {exc}") from exc
-    if arr.ndim == 3 and int(getattr(ds, "SamplesPerPixel", 1)) == 1:
-        arr = arr[0]  # multi-frame: the first frame
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(to_uint8(arr), cv2.COLOR_RGB2GRAY)
-    out = apply_voi_lut(apply_modality_lut(arr, ds), ds)
-    grey = to_uint8(out)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        grey = 255 - grey
-    return grey
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded file: the grey image, and what a DICOM file said about itself (else ``None``)."""
+
+    image: GreyImage
+    dicom: DicomInfo | None = None
 
 
-def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage:
-    """Decode image file bytes into a 2-D uint8 grey image, or raise ``DecodeError``."""
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, accept_any_body_part: bool = False) -> Decoded:
+    """Decode JPEG, PNG or DICOM bytes into a ``Decoded``, or raise ``DecodeError``.
+
+    DICOM objects other than chest projection radiographs are refused unless
+    ``accept_any_body_part`` (config ``dicom.accept_any_body_part``); see ``watcher.dicom``.
+    """
     if not data:
         raise DecodeError("the file is empty (0 bytes)")
     fmt = sniff_format(data)
@@ -190,10 +176,19 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage
         if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
             raise DecodeError("the file is text, not an image (expected JPEG, PNG or DICOM)")
         raise DecodeError("not a JPEG, PNG or DICOM file (unrecognised leading bytes)")
-    img = _decode_dicom(data, max_pixels) if fmt == "dicom" else _decode_raster(data, fmt, max_pixels)
+    info = None
+    if fmt == "dicom":
+        img, info = dicom.read_dicom(data, max_pixels, accept_any_body_part)
+    else:
+        img = _decode_raster(data, fmt, max_pixels)
     if img.ndim != 2 or img.size == 0:
         raise DecodeError(f"decoded image has unusable shape {img.shape}")
-    return img
+    return Decoded(img, info)
+
+
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage:
+    """Decode image file bytes into a 2-D uint8 grey image, or raise ``DecodeError``."""
+    return decode(data, max_pixels).image
 
 
 def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage:
