@@ -1,0 +1,292 @@
+"""backfill: the daemon's answers for an archive folder, as Parquet, on both engines, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import FULLRES, TRAIN_FIXTURES
+from tests.harness import read_csv_both, run_once
+from watcher import backfill as bf
+from watcher.config import Config, load_config
+from watcher.report import COLUMNS
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+LINK_ERROR = "the file is a symbolic link; links are not followed"
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every entry under ``root`` (links not followed): relative path -> (sha256 or link text, mtime)."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in names + dirs:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if path.is_symlink():
+                digest = os.readlink(path)
+            elif path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                digest = "dir"
+            out[str(path.relative_to(root))] = (digest, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An archive folder: the fixture radiographs, a truncated JPEG, a link, and non-candidates."""
+    root = tmp_path_factory.mktemp("archive") / "archive"
+    shutil.copytree(TRAIN_FIXTURES, root / "train")
+    (root / "fullres" / "2019").mkdir(parents=True)
+    for path in FULLRES:
+        shutil.copy(path, root / "fullres" / "2019" / path.name)
+    whole = (TRAIN_FIXTURES / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()
+    (root / "broken").mkdir()
+    (root / "broken" / "truncated.jpeg").write_bytes(whole[: len(whole) // 2])
+    os.symlink("../train/NORMAL/IM-0117-0001.jpeg", root / "broken" / "link.jpeg")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.jpeg").write_bytes(whole)
+    (root / "upload.jpeg.part").write_bytes(whole)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_store_template: Path) -> Path:
+    """The tiny real Keras model store of conftest."""
+    dest = tmp_path_factory.mktemp("store") / "model_store"
+    shutil.copytree(tiny_store_template, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def daemon_rows(
+    tmp_path_factory: pytest.TempPathFactory, archive: Path, store: Path
+) -> dict[str, dict[str, str]]:
+    """results.csv rows of a real ``run --once`` over a copy of the archive, by file."""
+    root = tmp_path_factory.mktemp("svc")
+    shutil.copytree(archive, root / "inbox", symlinks=True)
+    for name in ("processed", "failed"):
+        (root / name).mkdir()
+    raw = {
+        "inbox": "inbox",
+        "processed": "processed",
+        "failed": "failed",
+        "results": "results.csv",
+        "model_store": str(store),
+        "batch": {"max_size": 4, "max_wait_ms": 100},
+        "ingest": {"settle_ms": 0},
+        "instance_id": "test",
+        "log": {"format": "json"},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg: Config = load_config(root / "config.yaml")
+    proc = run_once(cfg)
+    assert 0 == proc.returncode, proc.stdout + proc.stderr
+    return {row["file"]: row for row in read_csv_both(cfg.results)}
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """One local Ray instance for the module (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def read_output(out: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(out)
+    assert list(bf.output_columns()) == list(frame.columns)
+    return frame
+
+
+def check_exactly_once(frame: pd.DataFrame, expected_files: set[str]) -> None:
+    counts = frame["path"].value_counts()
+    assert {} == {p: n for p, n in counts.items() if n != 1}, "files scored more than once"
+    assert expected_files == set(frame["path"])
+
+
+class TestColumns:
+    def test_derived_from_report(self) -> None:
+        """results.csv's columns, less destination and claim, plus path."""
+        expected = [c for c in COLUMNS if c not in ("destination", "claim")] + ["path"]
+        assert expected == list(bf.output_columns())
+
+    def test_import_does_not_import_ray(self) -> None:
+        """The daemon's modules never pull in Ray."""
+        code = "import sys, watcher.backfill, watcher.service; print('ray' in sys.modules)"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert "False" == proc.stdout.strip()
+
+
+def check_same_answers(frame: pd.DataFrame, daemon_rows: dict[str, dict[str, str]]) -> None:
+    """Every row equals run --once's row for the same file; probabilities within 1e-5."""
+    check_exactly_once(frame, set(daemon_rows))
+    for row in frame.to_dict("records"):
+        want = daemon_rows[row["path"]]
+        assert row["path"] == row["file"]
+        for col in (
+            "sha256",
+            "status",
+            "label",
+            "threshold",
+            "model_version",
+            "error",
+            "width",
+            "height",
+            "bytes",
+        ):
+            assert want[col] == row[col], (row["path"], col)
+        if want["status"] == "ok":
+            assert abs(float(want["probability"]) - float(row["probability"])) <= 1e-5
+    by_path = frame.set_index("path")
+    assert ("failed", LINK_ERROR) == tuple(by_path.loc["broken/link.jpeg", ["status", "error"]])
+    assert "truncated" in by_path.loc["broken/truncated.jpeg", "error"]
+
+
+class TestSameAnswers:
+    def test_local_matches_run_once(
+        self, tmp_path: Path, archive: Path, store: Path, daemon_rows: dict[str, dict[str, str]]
+    ) -> None:
+        """--engine local: run --once's rows for every file, in several parts; DIR untouched."""
+        before = _snapshot(archive)
+        out = tmp_path / "out"
+        summary = bf.backfill(archive, out, engine="local", store=store, batch_size=4, part_rows=4)
+        assert before == _snapshot(archive)
+        assert (len(daemon_rows), 0, 2) == (summary["scored"], summary["skipped"], summary["failed"])
+        assert summary["parts"] >= 2
+        check_same_answers(read_output(out), daemon_rows)
+        assert not (out / bf.STAGING).exists()
+
+    def test_ray_matches_run_once_and_resumes(
+        self,
+        ray_local: None,
+        tmp_path: Path,
+        archive: Path,
+        store: Path,
+        daemon_rows: dict[str, dict[str, str]],
+    ) -> None:
+        """--engine ray completes an output that lost all parts but one: run --once's rows, each file once."""
+        out = tmp_path / "out"
+        bf.backfill(archive, out, engine="local", store=store, batch_size=4, part_rows=4)
+        *lost, _kept = sorted(out.glob("*.parquet"))
+        for part in lost:
+            part.unlink()
+        kept = len(read_output(out))
+        before = _snapshot(archive)
+        summary = bf.backfill(archive, out, engine="ray", store=store, batch_size=4, part_rows=4)
+        assert before == _snapshot(archive)
+        assert (kept, len(daemon_rows) - kept) == (summary["skipped"], summary["scored"])
+        assert summary["parts"] >= 2
+        frame = read_output(out)
+        assert set(frame["instance"]) == {f"backfill@{socket.gethostname()}"}
+        check_same_answers(frame, daemon_rows)
+        assert not (out / bf.STAGING).exists()
+
+
+class TestResume:
+    def test_killed_run_resumes(self, tmp_path: Path, archive: Path, store: Path) -> None:
+        """SIGKILL between staging and publishing a part; the rerun adopts it and scores only the rest."""
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "watcher.backfill", "--data", str(archive), "--output", str(out)]
+        cmd += ["--store", str(store), "--batch-size", "2", "--rows-per-part", "2", "--workers", "1"]
+        env = {**os.environ, "XRAY_WATCHER_CRASH_AT": "backfill_part_staged:3"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert -signal.SIGKILL == proc.returncode, proc.stderr
+        assert 2 == len(list(out.glob("*.parquet")))
+        assert 1 == len(list((out / bf.STAGING).rglob("*.parquet")))
+        dead = out / bf.STAGING / "dead"  # a part cut off mid-write by an earlier kill
+        dead.mkdir()
+        (dead / "part-dead-000000.parquet").write_bytes(b"PAR1" + b"\0" * 100)
+
+        summary = bf.backfill(archive, out, engine="local", store=store, batch_size=2, part_rows=2)
+        assert 6 == summary["skipped"]
+        frame = read_output(out)
+        check_exactly_once(frame, set(_candidates(archive)))
+        assert not (out / bf.STAGING).exists()
+
+        again = bf.backfill(archive, out, engine="local", store=store, batch_size=2, part_rows=2)
+        assert (len(frame), 0, 0) == (again["skipped"], again["scored"], again["parts"])
+
+    def test_changed_file_is_scored_again(self, tmp_path: Path, store: Path) -> None:
+        """A file whose bytes changed since (same path, new sha256) gets a row of its own."""
+        data = tmp_path / "data"
+        data.mkdir()
+        shutil.copy(FULLRES[0], data / "a.jpeg")
+        out = tmp_path / "out"
+        bf.backfill(data, out, store=store)
+        shutil.copy(FULLRES[1], data / "a.jpeg")
+        summary = bf.backfill(data, out, store=store)
+        assert (1, 0) == (summary["scored"], summary["skipped"])
+        assert 2 == len(set(read_output(out)["sha256"]))
+
+
+def _candidates(archive: Path) -> list[str]:
+    from watcher.config import IngestConfig
+    from watcher.ingest import scan_inbox
+
+    return [p.relative_to(archive).as_posix() for p in scan_inbox(archive, IngestConfig().extensions)]
+
+
+class TestCli:
+    def parse(self, *argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        bf.add_arguments(parser)
+        return parser.parse_args(list(argv))
+
+    def test_output_inside_data_is_refused(
+        self, archive: Path, store: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Nothing is ever written under --data: exit 2."""
+        args = self.parse("--data", str(archive), "--output", str(archive / "out"), "--store", str(store))
+        assert 2 == bf.cli_main(args)
+        assert "inside --data" in capsys.readouterr().err
+        assert not (archive / "out").exists()
+
+    def test_ray_missing_names_the_extra(
+        self, tmp_path: Path, archive: Path, store: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """--engine ray without Ray installed: exit 2 and the pip command."""
+        monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+        args = self.parse(
+            "--data",
+            str(archive),
+            "--output",
+            str(tmp_path / "out"),
+            "--store",
+            str(store),
+            "--engine",
+            "ray",
+        )
+        assert 2 == bf.cli_main(args)
+        assert "pip install 'xray-watcher[ray]'" in capsys.readouterr().err
+
+    def test_other_model_version_is_refused(
+        self, tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """One model version per dataset: a rerun with another version into the same output exits 2."""
+        data = tmp_path / "data"
+        data.mkdir()
+        shutil.copy(FULLRES[0], data / "a.jpeg")
+        out = tmp_path / "out"
+        bf.backfill(data, out, store=store)
+        pd.DataFrame(
+            {c: ["v9999"] if c == "model_version" else [""] for c in bf.output_columns()}
+        ).to_parquet(out / "other.parquet")
+        args = self.parse("--data", str(data), "--output", str(out), "--store", str(store))
+        assert 2 == bf.cli_main(args)
+        assert "v9999" in capsys.readouterr().err
