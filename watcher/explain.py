@@ -1,0 +1,255 @@
+"""Grad-CAM heat maps: where in the radiograph the network found evidence for PNEUMONIA.
+
+As in the Keras example "Grad-CAM class activation visualization" (fchollet): a
+``keras.Model`` that outputs the last convolutional block's feature maps and the prediction,
+one forward pass under ``tf.GradientTape``, channel weights = the mean gradient over the map,
+a weighted sum of the channels, ReLU, upsampling to the input size, normalisation to 0..1.
+
+The gradient is that of the PNEUMONIA *logit*, not of the sigmoid output (which saturates:
+a confident call would give a near-zero gradient and a noisy map). The map therefore shows
+evidence *for* PNEUMONIA whatever the label; for a NORMAL call it is usually weak and
+diffuse, and it is normalised per image, so compare maps by shape, not by brightness.
+
+``GradCam.predict_and_explain`` scores and explains in the same pass, so the serving code
+need not decode or run the network twice. Drawing is separate: ``overlay_png`` blends a map
+onto a grey radiograph and returns PNG bytes; ``write_overlay`` stores them atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from watcher.fsutil import fsync_dir
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+CamArray = npt.NDArray[np.float32]
+
+# Layers that end a convolutional trunk: after them the maps are no longer spatial.
+_CONV_CLASS_NAMES = frozenset({"Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose"})
+
+
+class ExplainError(ValueError):
+    """The model cannot be explained with Grad-CAM (no convolutional layer, odd output)."""
+
+
+def _is_conv(layer: Any) -> bool:
+    """A 2-D convolution of any flavour (checked by class hierarchy, so subclasses count)."""
+    return any(cls.__name__ in _CONV_CLASS_NAMES for cls in type(layer).__mro__)
+
+
+def _output_shape(layer: Any) -> tuple[Any, ...] | None:
+    try:
+        shape = layer.output.shape
+    except (AttributeError, ValueError):  # a layer never called, or called several times
+        return None
+    return tuple(shape)
+
+
+def find_last_conv_block(model: Any) -> Any:
+    """The layer whose output is the last convolutional block's feature maps.
+
+    That is the last 2-D convolution, followed through the layers right after it that keep
+    its spatial size (batch norm, activation): in ``dsnet`` the ReLU after the last separable
+    convolution (8x8x256 at 128 px), in ``seed`` the last Conv2D itself (relu built in), never
+    the pooling or flattening that follows. Raises ``ExplainError`` when there is no 2-D
+    convolution with a 4-D output.
+    """
+    layers = list(model.layers)
+    conv_idx = [i for i, layer in enumerate(layers) if _is_conv(layer)]
+    conv_idx = [i for i in conv_idx if (s := _output_shape(layers[i])) is not None and len(s) == 4]
+    if not conv_idx:
+        kinds = ", ".join(type(layer).__name__ for layer in layers) or "none"
+        raise ExplainError(
+            f"model {getattr(model, 'name', '?')!r} has no 2-D convolutional layer with a 4-D "
+            f"output, which Grad-CAM needs (its layers: {kinds})"
+        )
+    i = conv_idx[-1]
+    chosen = layers[i]
+    spatial = _output_shape(chosen)[1:3]  # type: ignore[index]
+    for nxt in layers[i + 1 :]:
+        shape = _output_shape(nxt)
+        try:  # the layers feeding ``nxt``: it must extend this block, not merge a branch
+            parents = [t._keras_history[0] for node in nxt._inbound_nodes for t in node.input_tensors]
+        except AttributeError:  # pragma: no cover - Keras internals moved: stop at the conv
+            parents = []
+        if shape is None or len(shape) != 4 or shape[1:3] != spatial or parents != [chosen]:
+            break
+        chosen = nxt
+    return chosen
+
+
+class GradCam:
+    """Grad-CAM for a binary model whose output is the sigmoid probability of PNEUMONIA."""
+
+    def __init__(self, model: Any, layer_name: str | None = None) -> None:
+        import keras
+        import tensorflow as tf
+
+        self.model = model
+        shape = tuple(model.input_shape)
+        if len(shape) != 4 or shape[3] != 1 or shape[1] is None or shape[2] is None:
+            raise ExplainError(f"expected a model taking (n, h, w, 1) input, got {shape}")
+        self.height, self.width = int(shape[1]), int(shape[2])
+        conv = model.get_layer(layer_name) if layer_name else find_last_conv_block(model)
+        self.layer_name: str = conv.name
+
+        head = model.layers[-1]
+        activation = getattr(head, "activation", None)
+        act_name = getattr(activation, "__name__", "")
+        if type(head).__name__ == "Dense" and act_name == "sigmoid" and head.units == 1:
+            # logit = x @ kernel + bias, computed by hand so its gradient does not saturate
+            self._head: Any = head
+            outputs = [conv.output, head.input]
+            self._mode = "dense"
+        elif type(head).__name__ == "Activation" and act_name == "sigmoid":
+            self._head = None
+            outputs = [conv.output, head.input]
+            self._mode = "activation"
+        else:
+            raise ExplainError(
+                f"the last layer of {model.name!r} is {type(head).__name__} "
+                f"(activation {act_name or 'none'}); Grad-CAM here needs a one-unit sigmoid Dense "
+                "or a sigmoid Activation layer, whose input is the PNEUMONIA logit"
+            )
+        self.grad_model = keras.Model(model.inputs, outputs, name=f"{model.name}_gradcam")
+        spec = tf.TensorSpec([None, self.height, self.width, 1], tf.float32)
+        self._explain_fn = tf.function(self._explain_graph, input_signature=[spec])
+
+    def _logit(self, x: Any) -> Any:
+        import tensorflow as tf
+
+        if self._mode == "activation":
+            return tf.reshape(x, [-1])
+        out = tf.matmul(x, self._head.kernel)
+        if self._head.use_bias:
+            out = out + self._head.bias
+        return tf.reshape(out, [-1])
+
+    def _explain_graph(self, batch: Any) -> tuple[Any, Any]:
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            maps, head_in = self.grad_model(batch, training=False)
+            logit = self._logit(head_in)
+        # images are independent (no batch statistics at inference), so the gradient of the
+        # sum is each image's own gradient
+        grads = tape.gradient(logit, maps)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (n, 1, 1, c)
+        cam = tf.nn.relu(tf.reduce_sum(maps * weights, axis=-1, keepdims=True))
+        cam = tf.image.resize(cam, (self.height, self.width), method="bilinear")[..., 0]
+        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+        cam = tf.math.divide_no_nan(cam, peak)  # a flat (all-zero) map stays zero
+        cam = tf.clip_by_value(cam, 0.0, 1.0)
+        return tf.sigmoid(logit), cam
+
+    def predict_and_explain(self, batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], CamArray]:
+        """Raw (uncalibrated) probabilities ``(n,)`` and maps ``(n, h, w)`` in 0..1, one pass."""
+        arr = np.asarray(batch, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[1:] != (self.height, self.width, 1):
+            raise ValueError(
+                f"expected a batch of shape (n, {self.height}, {self.width}, 1), got {arr.shape}"
+            )
+        if len(arr) == 0:
+            return np.zeros(0, np.float32), np.zeros((0, self.height, self.width), np.float32)
+        prob, cam = self._explain_fn(arr)
+        return np.asarray(prob, dtype=np.float32), np.asarray(cam, dtype=np.float32)
+
+
+# ------------------------------------------------------------------ drawing
+
+
+def _text_box(img: npt.NDArray[np.uint8], lines: list[str]) -> None:
+    """Print ``lines`` in the top-left corner on a dark box, scaled to the image width."""
+    h, w = img.shape[:2]
+    scale = max(0.35, min(w, h) / 640.0)
+    thick = max(1, round(scale * 1.6))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    pad = max(3, round(6 * scale))
+    sizes = [cv2.getTextSize(t, font, scale, thick) for t in lines]
+    line_h = max(s[0][1] + s[1] for s in sizes) + pad
+    box_w = min(w, max(s[0][0] for s in sizes) + 2 * pad)
+    box_h = min(h, line_h * len(lines) + pad)
+    roi = img[:box_h, :box_w]
+    roi[:] = (roi.astype(np.float32) * 0.3).astype(np.uint8)  # darken, keep a hint of the image
+    y = pad
+    for text, ((_, th), base) in zip(lines, sizes, strict=True):
+        y += th
+        cv2.putText(img, text, (pad, y), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        y += base + pad
+
+
+def overlay_png(
+    image: npt.NDArray[np.uint8],
+    cam: npt.NDArray[np.floating[Any]],
+    label: str,
+    probability: float,
+    threshold: float,
+    max_alpha: float = 0.6,
+) -> bytes:
+    """The radiograph in grey with the map in the 'inferno' colour map blended on, as PNG bytes.
+
+    The map is resized to the image; each pixel's opacity grows with the map's value (up to
+    ``max_alpha``), so regions without evidence show the plain radiograph. The label,
+    probability and threshold are printed in the top-left corner.
+    """
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"overlay_png expects a 2-D uint8 image, got {image.dtype} {image.shape}")
+    if cam.ndim != 2:
+        raise ValueError(f"overlay_png expects a 2-D map, got shape {cam.shape}")
+    h, w = image.shape
+    heat = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
+    heat = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    coloured = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+    grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    alpha = (heat * max_alpha)[:, :, np.newaxis]
+    out = np.round(grey * (1.0 - alpha) + coloured.astype(np.float32) * alpha).astype(np.uint8)
+    _text_box(out, [f"{label} {probability:.2f}", f"threshold {threshold:.2f}"])
+    ok, buf = cv2.imencode(".png", out)
+    if not ok:  # pragma: no cover - encoding an in-memory uint8 BGR image does not fail
+        raise ValueError("PNG encoding failed")
+    return bytes(buf.tobytes())
+
+
+def write_overlay(path: Path, png: bytes) -> None:
+    """Write PNG bytes so readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(png)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the page is read by others on a share
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def border_mass_fraction(cam: npt.NDArray[np.floating[Any]], border: float = 0.10) -> float:
+    """Share of the map's mass in the outer ``border`` of each side (0 for an empty map).
+
+    The 10% border covers 36% of the area, so a flat map scores 0.36 and a map that hugs the
+    edges (labels, markers, collimation) scores higher.
+    """
+    arr = np.asarray(cam, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {arr.shape}")
+    if not 0.0 <= border < 0.5:
+        raise ValueError(f"border must be in [0, 0.5), got {border}")
+    h, w = arr.shape
+    total = float(arr.sum())
+    if total <= 0.0 or not np.isfinite(total):
+        return 0.0
+    bh, bw = round(h * border), round(w * border)
+    inner = float(arr[bh : h - bh, bw : w - bw].sum())
+    return (total - inner) / total
