@@ -1,12 +1,13 @@
-"""Filing never overwrites, keeps relative folders, tags clashes with a content hash."""
+"""Filing never overwrites, keeps relative folders, tags clashes with a content hash; layouts, sizes."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from watcher.filing import place, plan_destination
+from watcher.filing import destination_root, folder_size, place, plan_destination
 
 
 class TestFiling:
@@ -54,3 +55,75 @@ class TestFiling:
         assert dest.is_symlink()
         assert target.read_text() == "do not touch"
         assert not link.exists() and not link.is_symlink()
+
+
+WHEN = datetime(2026, 3, 1, 23, 30, tzinfo=timezone.utc)
+
+
+class TestDestinationRoot:
+    @pytest.mark.parametrize(
+        ("layout", "label", "expected"),
+        [
+            ("label", "PNEUMONIA", "processed/PNEUMONIA"),
+            ("label", None, "processed"),
+            ("date/label", "PNEUMONIA", "processed/2026-03-01/PNEUMONIA"),
+            ("date/label", None, "processed/2026-03-01"),
+        ],
+    )
+    def test_layouts(self, layout: str, label: str | None, expected: str) -> None:
+        """label: base/<LABEL> (failed: base); date/label: base/YYYY-MM-DD/<LABEL> (failed: base/day)."""
+        assert Path(expected) == destination_root(Path("processed"), label, layout, WHEN)
+
+    def test_day_is_utc(self) -> None:
+        """The day folder is the UTC day, like processed_at, whatever the offset of ``when``."""
+        local = WHEN.astimezone(timezone(timedelta(hours=2)))  # already 2 March there
+        assert Path("p/2026-03-01/NORMAL") == destination_root(Path("p"), "NORMAL", "date/label", local)
+        naive = datetime(2026, 3, 2, 0, 5)
+        assert Path("p/2026-03-02/NORMAL") == destination_root(Path("p"), "NORMAL", "date/label", naive)
+
+    @pytest.mark.parametrize("label", ["", ".", "..", "a/b"])
+    def test_label_must_be_one_folder_name(self, label: str) -> None:
+        """A label that would escape or flatten the folder is refused."""
+        with pytest.raises(ValueError, match="cannot be a folder name"):
+            destination_root(Path("p"), label, "label", WHEN)
+
+    def test_unknown_layout(self) -> None:
+        """A layout other than the two is refused, naming both."""
+        with pytest.raises(ValueError, match="expected one of label, date/label"):
+            destination_root(Path("p"), "NORMAL", "label/date", WHEN)
+
+    def test_date_layout_places_and_never_overwrites(self, tmp_path: Path) -> None:
+        """plan_destination and place work the same under a day folder."""
+        root = destination_root(tmp_path / "processed", "NORMAL", "date/label", WHEN)
+        placed = []
+        for content in (b"one", b"two"):
+            src = tmp_path / "a.png"
+            src.write_bytes(content)
+            dest = plan_destination(root, PurePosixPath("ward/a.png"), "abcdef12" + "0" * 56)
+            place(src, dest)
+            placed.append(dest.relative_to(tmp_path).as_posix())
+        assert [
+            "processed/2026-03-01/NORMAL/ward/a.png",
+            "processed/2026-03-01/NORMAL/ward/a.abcdef12.png",
+        ] == placed
+
+
+class TestFolderSize:
+    def test_counts_files_and_bytes(self, tmp_path: Path) -> None:
+        """Every file below the folder, links counted as links (not followed)."""
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        (tmp_path / "a" / "x.png").write_bytes(b"12345")
+        (tmp_path / "a" / "b" / "y.png").write_bytes(b"123")
+        (tmp_path / "link").symlink_to(tmp_path / "a")
+        size = folder_size(tmp_path / "a")
+        assert (8, 2, True) == (size.bytes, size.files, size.complete)
+        assert 3 == folder_size(tmp_path).files
+
+    def test_time_budget(self, tmp_path: Path) -> None:
+        """With no time to spare the count stops early and says so."""
+        for i in range(600):  # the clock is read every 512 entries
+            (tmp_path / f"{i}.png").touch()
+        size = folder_size(tmp_path, budget_s=0.0)
+        assert not size.complete
+        assert size.files < 600
+        assert folder_size(tmp_path / "missing").complete

@@ -5,6 +5,9 @@ hash, then a counter, goes before the extension). ``place`` moves the file there
 ``os.link`` + ``unlink``, which fails rather than replaces if the name was taken meanwhile,
 and falls back to copy + fsync + link across filesystems. ``link_into`` is the first half
 of ``place``, for callers that make a whole batch of links durable with one folder fsync.
+``destination_root`` is where a label's files go (``filing.layout``: ``label`` or
+``date/label``, so no folder grows without bound); ``folder_size`` sizes a tree within a
+time budget.
 """
 
 from __future__ import annotations
@@ -13,11 +16,76 @@ import errno
 import os
 import shutil
 import stat
+import time
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from watcher import failpoints
 from watcher.fsutil import fsync_dir
+
+LAYOUTS = ("label", "date/label")
+
+
+def destination_root(base: Path, label: str | None, layout: str, when: datetime) -> Path:
+    """The folder a file goes under: ``base/<LABEL>`` or ``base/YYYY-MM-DD/<LABEL>``.
+
+    ``label`` None (a failed file): ``base`` or ``base/YYYY-MM-DD``. The day is ``when``'s
+    in UTC (a naive ``when`` is taken as UTC), the same clock as ``processed_at``.
+    """
+    if label is not None and (label in ("", ".", "..") or "/" in label or "\0" in label):
+        raise ValueError(f"label {label!r} cannot be a folder name")
+    if layout == "label":
+        return base / label if label is not None else base
+    if layout == "date/label":
+        if when.tzinfo is not None:
+            when = when.astimezone(timezone.utc)
+        day = base / when.strftime("%Y-%m-%d")
+        return day / label if label is not None else day
+    raise ValueError(f"filing.layout is {layout!r}, expected one of {', '.join(LAYOUTS)}")
+
+
+@dataclass(frozen=True)
+class FolderSize:
+    """What ``folder_size`` counted; ``complete`` False: the time budget ran out first."""
+
+    bytes: int
+    files: int
+    complete: bool
+    seconds: float
+
+
+def folder_size(root: Path, budget_s: float = 2.0) -> FolderSize:
+    """Bytes and files under ``root`` (links not followed), walking for at most ``budget_s``.
+
+    processed/ may hold millions of files: a status command shows a partial count (at least
+    this much) rather than hang. Nothing is cached; call it rarely.
+    """
+    t0 = time.monotonic()
+    total = files = 0
+    stack = [root]
+    seen = 0
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                seen += 1
+                if seen % 512 == 0 and time.monotonic() - t0 > budget_s:
+                    return FolderSize(total, files, False, time.monotonic() - t0)
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    else:
+                        total += entry.stat(follow_symlinks=False).st_size
+                        files += 1
+                except OSError:
+                    continue  # removed meanwhile
+    return FolderSize(total, files, True, time.monotonic() - t0)
 
 
 def plan_destination(root: Path, rel: PurePosixPath, sha256: str) -> Path:
