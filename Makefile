@@ -43,3 +43,13 @@ check: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# As root: the hardened systemd service (see scripts/install-service.sh; PREFIX=/opt/xray-watcher)
+install-service:
+	sh scripts/install-service.sh $(PREFIX)
+
+# As root: keeps config and data; `make uninstall-service PURGE=--purge` removes them too
+uninstall-service:
+	sh scripts/uninstall-service.sh $(PREFIX) $(PURGE)
+
+.PHONY: install-service uninstall-service

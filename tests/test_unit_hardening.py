@@ -1,0 +1,575 @@
+"""The hardened systemd unit: verify, exposure score, and a real run inside an emulated sandbox.
+
+systemd is not PID 1 here, so the unit cannot be started. Instead the daemon runs
+(`run --once` on the real full-size fixture radiographs) in a private mount and pid namespace
+set up like the unit's sandbox:
+
+- ProtectSystem=strict + ReadWritePaths=: every mount re-mounted read-only, except bind
+  mounts of the inbox, processed/, failed/ and the results folder (the model store and the
+  config stay read-only);
+- PrivateTmp=: fresh tmpfs on /tmp and /var/tmp; ProtectHome=yes: /home, /root, /run/user
+  hidden (the interpreter's own folder is bound back when it lives there);
+- PrivateDevices=: a /dev with only null, zero, full, random, urandom, tty and a /dev/shm;
+- ProtectProc=invisible + ProcSubset=pid: a new /proc mounted with hidepid=invisible,subset=pid
+  (no /proc/cpuinfo, /proc/meminfo or /proc/sys: TensorFlow must cope);
+- CapabilityBoundingSet= + NoNewPrivileges=yes: setpriv drops every capability;
+- SystemCallFilter=@system-service ~@privileged + SystemCallErrorNumber=EPERM +
+  SystemCallArchitectures=native: a seccomp filter built from `systemd-analyze
+  syscall-filter` (this file, run as a script, installs it and execs the daemon).
+
+Not emulated: User= (the run is uid 0 without capabilities, so still the owner of the test
+files), RestrictAddressFamilies=, RestrictNamespaces=, IPAddress*=, the device cgroup and the
+other knobs enforced by systemd itself: those need systemd as PID 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "xray-watcher.service"
+GPU_DROPIN = REPO / "systemd" / "gpu.conf"
+FULLRES = sorted((Path(__file__).parent / "fixtures" / "fullres").glob("*.jpeg"))
+MAX_EXPOSURE = 3.0
+UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit file, values in order."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith(("#", ";", "[")) or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def runnable_unit(tmp_path: Path) -> Path:
+    """A copy of the unit whose ExecStart exists here (the venv's console script)."""
+    exe = Path(sys.executable).parent / "xray-watcher"
+    if not exe.exists():
+        pytest.skip(f"no console script {exe} (pip install -e . first)")
+    text = UNIT.read_text().replace("/opt/xray-watcher/.venv/bin/xray-watcher", str(exe))
+    copy = tmp_path / "units" / UNIT.name
+    copy.parent.mkdir()
+    copy.write_text(text)
+    return copy
+
+
+def systemd_analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def exposure(unit: Path) -> tuple[float, str]:
+    proc = systemd_analyze("security", "--offline=yes", "--no-pager", str(unit), cwd=unit.parent)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert match, f"no score in: {proc.stdout[-500:]} {proc.stderr}"
+    return float(match.group(1)), proc.stdout
+
+
+class TestUnitFile:
+    def test_verify_clean(self, tmp_path: Path) -> None:
+        """systemd-analyze verify has nothing to say (no unknown key, bad value or missing file)."""
+        unit = runnable_unit(tmp_path)
+        proc = systemd_analyze("verify", str(unit), cwd=unit.parent)
+        assert (0, "", "") == (proc.returncode, proc.stdout, proc.stderr)
+
+    def test_verify_catches_a_typo(self, tmp_path: Path) -> None:
+        """The check above would see a misspelt key (so its silence means something)."""
+        unit = runnable_unit(tmp_path)
+        unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystm=strict"))
+        proc = systemd_analyze("verify", str(unit), cwd=unit.parent)
+        assert "Unknown key 'ProtectSystm'" in proc.stderr
+
+    def test_exposure_score(self, tmp_path: Path) -> None:
+        """`systemd-analyze security --offline=yes` scores the unit at most 3.0."""
+        score, table = exposure(runnable_unit(tmp_path))
+        assert score <= MAX_EXPOSURE, table
+
+    def test_exposure_with_the_gpu_dropin(self, tmp_path: Path) -> None:
+        """With systemd/gpu.conf merged in, the unit still verifies and scores at most 3.0."""
+        unit = runnable_unit(tmp_path)
+        merged = unit.read_text() + "\n[Service]" + GPU_DROPIN.read_text().split("[Service]", 1)[1]
+        unit.write_text(merged.replace("PrivateDevices=yes\n", "", 1))
+        proc = systemd_analyze("verify", str(unit), cwd=unit.parent)
+        assert (0, "") == (proc.returncode, proc.stderr)
+        score, table = exposure(unit)
+        assert score <= MAX_EXPOSURE, table
+        assert "PrivateDevices=no" in merged
+
+    def test_contract(self) -> None:
+        """What the daemon relies on is still there, and the sandbox is what README promises."""
+        s = unit_settings(UNIT.read_text())
+        assert ["notify"] == s["Type"]
+        assert ["/opt/xray-watcher/.venv/bin/xray-watcher run --config /etc/xray-watcher/config.yaml"] == s[
+            "ExecStart"
+        ]
+        assert ["/bin/kill -HUP $MAINPID"] == s["ExecReload"]
+        assert ["2"] == s["RestartPreventExitStatus"]
+        assert ["on-failure"] == s["Restart"]
+        assert s["WatchdogSec"]
+        assert ["strict"] == s["ProtectSystem"]
+        assert [
+            "/var/lib/xray-watcher/inbox /var/lib/xray-watcher/processed "
+            "/var/lib/xray-watcher/failed /var/lib/xray-watcher/results"
+        ] == s["ReadWritePaths"]
+        assert [""] == s["CapabilityBoundingSet"]
+        assert ["AF_UNIX AF_INET AF_INET6"] == s["RestrictAddressFamilies"]
+        assert ["@system-service", "~@privileged"] == s["SystemCallFilter"]
+        assert "MemoryDenyWriteExecute" not in s  # oneDNN's JIT needs executable pages
+        assert ["0027"] == s["UMask"]
+
+
+# ---------------------------------------------------------------- install and uninstall
+
+INSTALL = REPO / "scripts" / "install-service.sh"
+UNINSTALL = REPO / "scripts" / "uninstall-service.sh"
+DATA = "/var/lib/xray-watcher"
+
+
+def run_script(script: Path, root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A script against a fake root (ROOT=...): no users, owners or systemctl."""
+    xw = Path(sys.executable).parent / "xray-watcher"
+    return subprocess.run(
+        ["sh", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ROOT": str(root), "VENV": "skip", "GPU": "no", "XW": str(xw), **env},
+    )
+
+
+def mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o7777)
+
+
+class TestInstallScripts:
+    def test_syntax(self) -> None:
+        """Both scripts parse as POSIX sh."""
+        for script in (INSTALL, UNINSTALL):
+            assert 0 == subprocess.run(["sh", "-n", str(script)]).returncode
+
+    def test_fake_root_layout(self, tmp_path: Path) -> None:
+        """Folders with their modes, the unit, a config that loads, a seeded model store."""
+        from watcher import model_store
+        from watcher.config import load_config
+
+        root = tmp_path / "root"
+        proc = run_script(INSTALL, root)
+        assert 0 == proc.returncode, proc.stderr
+        data = root / DATA.lstrip("/")
+        assert "0o2770" == mode(data / "inbox")  # group xray-drop may drop; setgid keeps the group
+        for name in ("processed", "failed", "results", "model_store"):
+            assert "0o750" == mode(data / name), name
+        assert "0o755" == mode(data)
+        etc = root / "etc" / "xray-watcher"
+        assert ("0o750", "0o640") == (mode(etc), mode(etc / "config.yaml"))
+        units = root / "etc" / "systemd" / "system"
+        assert UNIT.read_text() == (units / UNIT.name).read_text()  # default folders: unchanged
+        listener = REPO / "systemd" / "xray-watcher-listener.service"
+        assert listener.exists() == (units / listener.name).exists()
+        assert not (units / "xray-watcher.service.d").exists()  # GPU=no
+        assert (root / "opt" / "xray-watcher" / "README.md").exists()
+        link = root / "usr" / "local" / "bin" / "xray-watcher"
+        assert "/opt/xray-watcher/.venv/bin/xray-watcher" == os.readlink(link)
+
+        text = (etc / "config.yaml").read_text()
+        for key, path in [
+            ("inbox", f"{DATA}/inbox"),
+            ("processed", f"{DATA}/processed"),
+            ("failed", f"{DATA}/failed"),
+            ("results", f"{DATA}/results/results.csv"),
+            ("model_store", f"{DATA}/model_store"),
+        ]:
+            assert re.search(rf"^{key}: {re.escape(path)}\b", text, re.M), key
+        staged = tmp_path / "staged.yaml"  # the same config, pointed into the fake root
+        staged.write_text(text.replace(DATA, str(data)))
+        cfg = load_config(staged)
+        assert (data / "inbox", data / "results" / "results.csv") == (cfg.inbox, cfg.results)
+        assert str(cfg.explain.folder).startswith(str(data / "results"))  # a writable folder
+        assert model_store.current_version(cfg.model_store) in model_store.list_versions(cfg.model_store)
+
+    def test_rerun_keeps_config_and_models(self, tmp_path: Path) -> None:
+        """A second run (an upgrade) keeps an edited config.yaml and the model store."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root).returncode
+        config = root / "etc" / "xray-watcher" / "config.yaml"
+        config.write_text(config.read_text() + "# edited by the site\n")
+        current = root / DATA.lstrip("/") / "model_store" / "CURRENT"
+        current.write_text("v0001\n")
+        proc = run_script(INSTALL, root)
+        assert 0 == proc.returncode, proc.stderr
+        assert config.read_text().endswith("# edited by the site\n")
+        assert "v0001\n" == current.read_text()
+        assert "kept /etc/xray-watcher/config.yaml" in proc.stdout
+
+    def test_prefix_rewrites_the_unit(self, tmp_path: Path) -> None:
+        """PREFIX moves the program; the installed unit's ExecStart follows."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root, "/srv/xw").returncode
+        unit = unit_settings((root / "etc" / "systemd" / "system" / UNIT.name).read_text())
+        assert ["/srv/xw/.venv/bin/xray-watcher run --config /etc/xray-watcher/config.yaml"] == unit[
+            "ExecStart"
+        ]
+        assert (root / "srv" / "xw" / "README.md").exists()
+
+    def test_gpu_dropin(self, tmp_path: Path) -> None:
+        """GPU=yes installs systemd/gpu.conf as a drop-in."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root, GPU="yes").returncode
+        dropin = root / "etc" / "systemd" / "system" / "xray-watcher.service.d" / "gpu.conf"
+        assert GPU_DROPIN.read_text() == dropin.read_text()
+
+    def test_uninstall_keeps_data_unless_purge(self, tmp_path: Path) -> None:
+        """uninstall removes the program and units and keeps config and data; --purge removes all."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root, GPU="yes").returncode
+        results = root / DATA.lstrip("/") / "results" / "results.csv"
+        results.write_text("processed_at\n")
+        proc = run_script(UNINSTALL, root)
+        assert 0 == proc.returncode, proc.stderr
+        assert not (root / "opt" / "xray-watcher").exists()
+        assert not os.path.lexists(root / "usr" / "local" / "bin" / "xray-watcher")
+        assert [] == list((root / "etc" / "systemd" / "system").iterdir())
+        assert results.exists()
+        assert (root / "etc" / "xray-watcher" / "config.yaml").exists()
+        assert 0 == run_script(UNINSTALL, root, "--purge").returncode
+        assert not (root / "etc" / "xray-watcher").exists()
+        assert not (root / DATA.lstrip("/")).exists()
+
+    def test_uninstall_refuses_a_system_folder(self, tmp_path: Path) -> None:
+        """A PREFIX such as /usr is never removed."""
+        proc = run_script(UNINSTALL, tmp_path, "/usr")
+        assert 2 == proc.returncode
+        assert "refusing" in proc.stderr
+
+
+# ---------------------------------------------------------------- the sandbox emulation
+
+
+def syscall_numbers() -> dict[str, int]:
+    """x86_64 system call numbers from the kernel headers."""
+    out = {}
+    for m in re.finditer(r"#define __NR_(\w+)\s+(\d+)", UNISTD.read_text()):
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """`systemd-analyze syscall-filter`: every @group with its members (names or @groups)."""
+    text = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True, check=True
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("@"):
+            current = line.strip()
+            groups[current] = []
+        elif line.strip() and not line.strip().startswith("#") and current:
+            groups[current].append(line.strip())
+    return groups
+
+
+def expand(name: str, groups: dict[str, list[str]]) -> set[str]:
+    if not name.startswith("@"):
+        return {name}
+    return set().union(*(expand(member, groups) for member in groups[name]))
+
+
+def allowed_syscalls(unit_text: str) -> list[int]:
+    """The numbers the unit's SystemCallFilter= lines allow, applied in order as systemd does."""
+    groups = syscall_groups()
+    allowed: set[str] = set()
+    for value in unit_settings(unit_text)["SystemCallFilter"]:
+        deny = value.startswith("~")
+        names = set().union(*(expand(n, groups) for n in value.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    numbers = syscall_numbers()
+    return sorted(numbers[n] for n in allowed if n in numbers)
+
+
+def install_seccomp(allowed: list[int], deny_write_execute: bool = False) -> None:
+    """no_new_privs + a filter: native arch only, the allowed numbers, EPERM for the rest.
+
+    ``deny_write_execute``: also MemoryDenyWriteExecute=yes as systemd builds it (mmap with
+    PROT_WRITE|PROT_EXEC, and mprotect/pkey_mprotect adding PROT_EXEC, fail with EPERM).
+    """
+    audit_arch_x86_64 = 0xC000003E
+    ret_allow, ret_kill, ret_errno = 0x7FFF0000, 0x80000000, 0x00050000
+    eperm = 1
+
+    def insn(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    prog = [
+        insn(0x20, 0, 0, 4),  # A = seccomp_data.arch
+        insn(0x15, 1, 0, audit_arch_x86_64),  # native: skip the kill
+        insn(0x06, 0, 0, ret_kill),
+        insn(0x20, 0, 0, 0),  # A = seccomp_data.nr
+    ]
+    if deny_write_execute:
+        mmap, mprotect, pkey_mprotect = 9, 10, 329
+        prot = 32  # offsetof(seccomp_data, args[2]), low 32 bits (little-endian)
+        prog += [
+            insn(0x15, 0, 4, mmap),
+            insn(0x20, 0, 0, prot),
+            insn(0x54, 0, 0, 6),  # A &= PROT_WRITE | PROT_EXEC
+            insn(0x15, 0, 1, 6),
+            insn(0x06, 0, 0, ret_errno | eperm),
+            insn(0x20, 0, 0, 0),  # A = nr again
+            insn(0x15, 1, 0, mprotect),
+            insn(0x15, 0, 4, pkey_mprotect),
+            insn(0x20, 0, 0, prot),
+            insn(0x54, 0, 0, 4),  # A &= PROT_EXEC
+            insn(0x15, 0, 1, 4),
+            insn(0x06, 0, 0, ret_errno | eperm),
+            insn(0x20, 0, 0, 0),
+        ]
+    for nr in allowed:
+        prog += [insn(0x15, 0, 1, nr), insn(0x06, 0, 0, ret_allow)]
+    prog.append(insn(0x06, 0, 0, ret_errno | eperm))
+    buf = ctypes.create_string_buffer(b"".join(prog))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+PROBE = """
+import errno, json, os, sys
+out = {}
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(os.path.join(path, ".probe"), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.unlink(os.path.join(path, ".probe"))
+        out[path] = "writable"
+    except OSError as exc:
+        out[path] = errno.errorcode.get(exc.errno, str(exc.errno))
+out["/proc/cpuinfo"] = os.path.exists("/proc/cpuinfo")
+out["/proc/sys"] = os.path.exists("/proc/sys")
+mounts = [line.split(" - ") for line in open("/proc/self/mountinfo")]
+out["proc_opts"] = [tail.split()[2] for head, tail in mounts if head.split()[4] == "/proc"]
+out["/dev"] = sorted(os.listdir("/dev"))
+out["caps"] = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")]
+try:
+    os.setuid(0)
+    out["setuid"] = "allowed"
+except OSError as exc:
+    out["setuid"] = errno.errorcode[exc.errno]
+print(json.dumps(out))
+"""
+
+SANDBOX = r"""
+set -eu
+stage=$1; shift
+rw=$1; shift          # colon-separated ReadWritePaths
+svc=$1; shift         # the folder holding config.yaml (under /tmp)
+keep=$1; shift        # the interpreter's prefix (bound back if a hidden home holds it)
+IFS=:
+for p in $rw; do mount --bind "$p" "$p"; done
+unset IFS
+# ProtectHome=yes
+n=0
+for home in /home /root /run/user; do
+    [ -d "$home" ] || continue
+    case $keep/ in
+    "$home"/*)
+        n=$((n + 1)); mkdir -p "$stage/keep$n"; mount --rbind "$keep" "$stage/keep$n"
+        mount -t tmpfs -o mode=0111 tmpfs "$home"; mkdir -p "$keep"; mount --rbind "$stage/keep$n" "$keep"
+        ;;
+    *) mount -t tmpfs -o mode=0000 tmpfs "$home" ;;
+    esac
+done
+# PrivateDevices=yes
+mkdir -p "$stage/dev"
+mount -t tmpfs -o mode=0755,nosuid,noexec tmpfs "$stage/dev"
+for d in null zero full random urandom tty; do
+    touch "$stage/dev/$d"; mount --bind "/dev/$d" "$stage/dev/$d"
+done
+mkdir "$stage/dev/shm"; mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$stage/dev/shm"
+ln -s /proc/self/fd "$stage/dev/fd"
+mount --rbind "$stage/dev" /dev
+# PrivateTmp=yes: a fresh /tmp that still holds the service folders (they live in pytest's tmp)
+mkdir -p "$stage/tmp"
+mount -t tmpfs -o mode=1777 tmpfs "$stage/tmp"
+mkdir -p "$stage/tmp/${svc#/tmp/}"
+mount --rbind "$svc" "$stage/tmp/${svc#/tmp/}"
+mount --rbind "$stage/tmp" /tmp
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+# ProtectProc=invisible, ProcSubset=pid (a new pid namespace may mount its own /proc)
+mount -t proc -o nosuid,nodev,noexec,hidepid=invisible,subset=pid proc /proc
+# ProtectSystem=strict: everything else read-only
+writable=":$rw:/tmp:/var/tmp:/dev/shm:"
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r mp; do
+    case $mp in /proc | /proc/*) continue ;; esac
+    case $writable in *":$mp:"*) continue ;; esac
+    mount -o remount,bind,ro "$mp" 2>/dev/null || true
+done
+exec "$@"
+"""
+
+
+def in_sandbox(
+    stage: Path,
+    rw: list[Path],
+    svc: Path,
+    argv: list[str],
+    seccomp: list[int] | None,
+    deny_write_execute: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in the emulated sandbox: ``rw`` writable, ``svc`` (under /tmp) kept visible."""
+    inner = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    if seccomp is not None:
+        inner += [sys.executable, str(Path(__file__).resolve())]
+        inner += ["--deny-write-execute"] if deny_write_execute else []
+        inner += ["--seccomp", ",".join(map(str, seccomp)), "--"]
+    keep = os.path.realpath(sys.base_prefix)
+    unshare = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
+    script = ["sh", "-c", SANDBOX, "sandbox", str(stage), ":".join(map(str, rw)), str(svc), keep]
+    return subprocess.run(
+        [*unshare, *script, *inner, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **SANDBOX_ENV},
+    )
+
+
+SANDBOX_ENV = {  # as the unit sets them
+    "PYTHONUNBUFFERED": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "KERAS_HOME": "/tmp/keras",
+    "MPLCONFIGDIR": "/tmp/matplotlib",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+
+
+def service_layout(root: Path) -> Path:
+    """The installed layout in miniature, serving the shipped model (a real CNN: oneDNN's JIT runs)."""
+    for name in ("inbox", "processed", "failed", "results"):
+        (root / name).mkdir(parents=True)
+    shutil.copytree(REPO / "model_store", root / "model_store", ignore=shutil.ignore_patterns(".build-*"))
+    config = root / "config.yaml"
+    config.write_text(
+        "inbox: inbox\nprocessed: processed\nfailed: failed\nresults: results/results.csv\n"
+        "model_store: model_store\ninstance_id: sandboxed\nlog: {format: json}\n"
+        "ingest: {settle_ms: 0}\nbatch: {max_wait_ms: 50}\n"
+    )
+    return config
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Path:
+    """A scratch folder for the sandbox's mounts (skips with the reason where it cannot be built)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs root, unshare and setpriv to build the sandbox")
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip(f"the emulated PrivateTmp expects pytest's tmp_path under /tmp, got {tmp_path}")
+    if not UNISTD.exists() or platform.machine() != "x86_64":
+        pytest.skip(f"the seccomp emulation needs x86_64 and {UNISTD}")
+    mounts = "mount -t tmpfs tmpfs /var/tmp && mount -t proc -o subset=pid,hidepid=invisible proc /proc"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", mounts],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare/mount refused here: {probe.stderr.strip()}")
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    return folder
+
+
+@pytest.mark.slow
+class TestSandboxedRun:
+    def test_scores_real_files_in_the_sandbox(self, tmp_path: Path, stage: Path) -> None:
+        """`run --once` inside the unit's sandbox and system-call filter scores the fixtures end to end."""
+        from watcher.config import load_config
+        from watcher.report import read_rows
+
+        cfg = load_config(service_layout(tmp_path / "svc"))
+        assert cfg.source is not None
+        for src in FULLRES:
+            shutil.copy(src, cfg.inbox / src.name)
+        (cfg.inbox / "broken.jpeg").write_bytes(FULLRES[0].read_bytes()[:2000])
+        rw = [cfg.inbox, cfg.processed, cfg.failed, cfg.results.parent]
+        svc = cfg.source.parent
+        allowed = allowed_syscalls(UNIT.read_text())
+
+        probe_paths = [*rw, svc, cfg.model_store, Path("/tmp"), REPO, Path("/etc"), Path("/usr")]
+        probe = in_sandbox(stage, rw, svc, [sys.executable, "-c", PROBE, *map(str, probe_paths)], allowed)
+        assert 0 == probe.returncode, probe.stderr
+        seen = json.loads(probe.stdout)
+        writable = {k for k, v in seen.items() if v == "writable"}
+        assert {str(p) for p in [*rw, Path("/tmp")]} == writable
+        for path in (svc, cfg.model_store, REPO, Path("/etc"), Path("/usr")):
+            assert "EROFS" == seen[str(path)], (path, seen)
+        assert (False, False) == (seen["/proc/cpuinfo"], seen["/proc/sys"])  # ProcSubset=pid
+        assert "hidepid=invisible" in seen["proc_opts"][-1]  # ProtectProc=invisible
+        assert {"fd", "full", "null", "random", "shm", "tty", "urandom", "zero"} == set(seen["/dev"])
+        assert ["0000000000000000"] == seen["caps"]  # CapabilityBoundingSet=
+        assert "EPERM" == seen["setuid"]  # ~@privileged
+
+        run = [sys.executable, "-m", "watcher", "run", "--once", "--config", str(cfg.source)]
+        proc = in_sandbox(stage, rw, svc, run, allowed)
+        assert 0 == proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+        events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert [] == [e for e in events if e.get("level") in ("error", "critical")]
+        assert ["v0002"] == [e["model_version"] for e in events if e.get("event") == "model_loaded"]
+        rows = {r["file"]: r for r in read_rows(cfg.results)}
+        assert {p.name for p in FULLRES} | {"broken.jpeg"} == set(rows)
+        assert {"ok"} == {rows[p.name]["status"] for p in FULLRES}
+        assert "failed" == rows["broken.jpeg"]["status"]
+        assert sorted(p.name for p in FULLRES) == sorted(p.name for p in cfg.processed.rglob("*.jpeg"))
+        assert ["broken.jpeg"] == [p.name for p in cfg.failed.iterdir()]
+        assert [] == [p for p in cfg.inbox.iterdir() if not p.name.startswith(".")]
+
+    def test_memory_deny_write_execute_breaks_tensorflow(self, tmp_path: Path, stage: Path) -> None:
+        """Why MemoryDenyWriteExecute= stays off: with it, loading the model kills the daemon."""
+        from watcher.config import load_config
+
+        cfg = load_config(service_layout(tmp_path / "svc"))
+        assert cfg.source is not None
+        rw = [cfg.inbox, cfg.processed, cfg.failed, cfg.results.parent]
+        allowed = allowed_syscalls(UNIT.read_text())
+        wx = "import mmap; mmap.mmap(-1, 4096, prot=7)"  # the filter works: W+X is refused
+        probe = in_sandbox(stage, rw, cfg.source.parent, [sys.executable, "-c", wx], allowed, True)
+        assert "PermissionError" in probe.stderr
+        run = [sys.executable, "-m", "watcher", "run", "--once", "--config", str(cfg.source)]
+        proc = in_sandbox(stage, rw, cfg.source.parent, run, allowed, deny_write_execute=True)
+        assert 0 != proc.returncode  # observed: SIGSEGV in oneDNN/XLA code generation
+        assert not [line for line in proc.stdout.splitlines() if '"model_loaded"' in line]
+
+
+if __name__ == "__main__":  # the seccomp helper: test_unit_hardening.py --seccomp N,N,... -- argv...
+    mdwe = "--deny-write-execute" in sys.argv[1:2]
+    argv = sys.argv[2:] if mdwe else sys.argv[1:]
+    if len(argv) < 4 or argv[0] != "--seccomp" or argv[2] != "--":
+        sys.exit(
+            "usage: test_unit_hardening.py [--deny-write-execute] --seccomp NR,NR,... -- PROGRAM ARGS..."
+        )
+    install_seccomp([int(n) for n in argv[1].split(",")], deny_write_execute=mdwe)
+    os.execv(argv[3], argv[3:])
