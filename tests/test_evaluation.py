@@ -43,12 +43,39 @@ class TestMetrics:
         assert pytest.approx(area, abs=1e-12) == ev.roc_auc(y, s)
         assert (fpr[-1], tpr[-1]) == (1.0, 1.0)
 
+    def test_agrees_with_sklearn(self) -> None:
+        """AUC and confusion matrix are scikit-learn's; one class gives NaN AUC, not a warning."""
+        from sklearn.metrics import confusion_matrix, roc_auc_score
+
+        rng = np.random.default_rng(5)
+        y = rng.integers(0, 2, 500)
+        s = rng.normal(y, 1.0)
+        assert roc_auc_score(y, s) == ev.roc_auc(y, s)
+        assert confusion_matrix(y, s >= 0.5).tolist() == ev.confusion_matrix(y, s, 0.5)
+        assert math.isnan(ev.roc_auc([0, 0], [0.1, 0.2]))
+        assert [[2, 0], [0, 0]] == ev.confusion_matrix([0, 0], [0.1, 0.2], 0.5)
+
+    def test_reliability_bins_count_everything(self) -> None:
+        """Every score lands in one of the 10 bins, 0 and 1 included; empty bins are NaN."""
+        p = [0.0, 0.05, 0.1, 0.55, 1.0]
+        bins = ev.reliability_bins([0, 0, 1, 1, 1], p)
+        assert 5 == sum(b["count"] for b in bins)
+        assert 1.0 == bins[-1]["observed_rate"]
+        assert math.isnan(bins[3]["mean_probability"])
+
     def test_ece_known(self) -> None:
         """Perfectly calibrated bins give ECE 0; always saying 0.9 for a 50% class gives 0.4."""
         y = np.array([1] * 3 + [0] * 7 + [1] * 7 + [0] * 3)
         p = np.array([0.3] * 10 + [0.7] * 10)
         assert pytest.approx(0.0, abs=1e-12) == ev.expected_calibration_error(y, p)
         assert pytest.approx(0.4) == ev.expected_calibration_error([0, 1] * 50, [0.9] * 100)
+
+    def test_ece_at_a_prevalence(self) -> None:
+        """Probabilities right for a 50% mix: ECE 0 when re-weighted to 0.5, not on a 80% sample."""
+        y = np.array([1] * 8 + [0] * 8 + [1] * 2 + [0] * 32)  # 10 PNEUMONIA, 40 NORMAL
+        p = np.array([0.8] * 16 + [0.2] * 34)  # re-weighted to 50/50 the bins' rates are 0.8 and 0.2
+        assert pytest.approx(0.0, abs=1e-12) == ev.expected_calibration_error(y, p, prevalence=0.5)
+        assert ev.expected_calibration_error(y, p) > 0.1
 
     def test_bootstrap_ci_contains_estimate(self) -> None:
         """The 95% intervals bracket the point estimate, and patient resampling works."""

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from watcher import evaluation, model_store
+from watcher.augment import AugmentOptions, augment_grey
 from watcher.errors import TrainingError
 from watcher.imaging import PreprocessSpec
 from watcher.inference import Predictor
-from watcher.train import AugmentOptions, TrainOptions, augment_grey, compare_with_current, train
+from watcher.train import TrainOptions, compare_with_current, train
 
 TRAIN_FIXTURES = Path(__file__).parent / "fixtures" / "train"
 CONST_SPEC = PreprocessSpec(height=32, width=32)
@@ -89,6 +90,21 @@ class TestTrain:
         assert {"python", "tensorflow", "keras", "numpy", "opencv"} <= set(meta["library_versions"])
         metrics = model_store.read_json(store, version, model_store.METRICS_FILE)
         assert set(evaluation.METRIC_NAMES) <= set(metrics["ci95"])
+
+    def test_calibration_in_metadata_not_weights(self, trained: tuple[Path, str]) -> None:
+        """The Platt shift is served from metadata, at a stated prevalence; a drift reference is stored."""
+        store, version = trained
+        meta = model_store.read_metadata(store, version)
+        assert pytest.approx(meta["logit_shift"]) == meta["calibration"]["logit_shift"]
+        assert 0.5 == meta["calibration"]["assumed_prevalence"]
+        assert meta["validation"]["threshold_rule"].startswith("best specificity")
+        ref = meta["validation_reference"]
+        assert meta["validation"]["n_images"] == sum(ref["normal_counts"]) + sum(ref["pneumonia_counts"])
+        pred = Predictor(store, version)
+        x = np.random.default_rng(0).random((4, 32, 32, 1)).astype(np.float32)
+        raw = np.asarray(pred.model.predict_on_batch(x)).reshape(-1)
+        expected = evaluation.apply_temperature(raw, meta["temperature"], meta["logit_shift"])
+        assert np.allclose(expected, pred.probabilities(x))
 
     def test_first_version_becomes_current_and_loads(self, trained: tuple[Path, str]) -> None:
         """With no current version the new one is promoted, and Predictor serves it."""

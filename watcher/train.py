@@ -19,15 +19,20 @@ What it does, in order:
    ``era`` by default: the oldest patients of each class are held out for validation).
 2. Decodes every image once with ``watcher.imaging.decode_image`` and keeps the grey images in
    memory. Validation images go through ``preprocess`` once; training images are augmented on
-   the fly *before* ``preprocess`` (pose, then acquisition: resolution loss, blur, sharpening,
-   gamma, contrast, noise, JPEG re-encoding), so the shared preprocessing (e.g. CLAHE) sees
-   augmented images just as it will see images from another device at serving time.
+   the fly *before* ``preprocess`` (``watcher.augment``: pose, then acquisition: resolution
+   loss, blur, sharpening, gamma, contrast, noise, JPEG re-encoding), so the shared
+   preprocessing (e.g. CLAHE) sees augmented images just as it will see images from another
+   device at serving time.
 3. Fits with balanced class weights, AdamW and cosine learning-rate decay, tracking validation
    ROC AUC each epoch; stops after ``patience`` epochs without improvement or when the time
    budget would be exceeded, and restores the best epoch's weights.
-4. Fits a temperature and the operating threshold on validation (``watcher.evaluation``),
-   writes ``metrics.json`` (with bootstrap 95% intervals over patients and ECE), the plots and
-   ``metadata.json`` into a build folder and publishes it atomically (``watcher.model_store``).
+4. Fits the calibration (Platt scaling, class-balanced by default, so probabilities hold for
+   a stated prevalence of 0.5) and the operating threshold on validation
+   (``watcher.calibration``; nothing is folded into the weights: ``temperature`` and
+   ``logit_shift`` go to metadata.json), stores the validation score histogram for the
+   drift monitor (``watcher.drift``), writes ``metrics.json`` (with bootstrap 95% intervals
+   over patients and ECE), the plots and ``metadata.json`` into a build folder and publishes
+   it atomically (``watcher.model_store``).
 5. Promotes the new version when asked, when the store has no current version, or when it
    beats the current version's ROC AUC on this run's validation split.
 """
@@ -52,7 +57,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from watcher import architectures, evaluation, model_store
+from watcher import architectures, calibration, drift, evaluation, model_store
+from watcher.augment import PROBES, AugmentOptions, augment_grey
 from watcher.errors import DecodeError, ModelStoreError, TrainingError
 from watcher.imaging import GreyImage, PreprocessSpec, decode_image, preprocess
 from watcher.splits import CLASS_NAMES, Sample, count_by_class, list_samples, split_samples
@@ -61,34 +67,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = structlog.get_logger()
 
 MIN_PATIENTS_PER_CLASS = 3
-
-
-@dataclass(frozen=True)
-class AugmentOptions:
-    """Probabilities and ranges of the on-the-fly augmentation (applied before ``preprocess``)."""
-
-    rotate_deg: float = 7.0
-    scale: tuple[float, float] = (0.9, 1.12)
-    shift: float = 0.06  # fraction of the image side
-    aspect: float = 1.15  # max random width:height stretch factor (1 = off)
-    p_class_aspect: float = 0.5  # see augment_grey: de-correlates apparent chest width from the class
-    class_aspect: float = 0.79  # PNEUMONIA/NORMAL width squeeze (fullres medians 1.24 vs 1.57 w:h)
-    p_downup: float = 0.5  # squeeze through a lower resolution and back
-    downup: tuple[float, float] = (0.3, 0.85)
-    p_blur: float = 0.3
-    blur_sigma: tuple[float, float] = (0.4, 1.5)
-    p_sharpen: float = 0.25
-    sharpen: tuple[float, float] = (0.3, 1.0)
-    p_gamma: float = 0.5
-    log_gamma: float = 0.4
-    p_contrast: float = 0.5
-    contrast: tuple[float, float] = (0.75, 1.25)
-    brightness: float = 0.08
-    p_noise: float = 0.2
-    noise_std: tuple[float, float] = (1.0, 5.0)  # grey levels
-    p_jpeg: float = 0.4
-    jpeg_quality: tuple[int, int] = (25, 90)
-    hflip: bool = False  # anatomy is not mirror-symmetric (heart, markers): off
 
 
 @dataclass(frozen=True)
@@ -110,121 +88,15 @@ class TrainOptions:
     augment: bool | None = None
     augmentation: AugmentOptions = field(default_factory=AugmentOptions)
     spec: PreprocessSpec | None = None  # override the architecture's preprocessing
-    min_sensitivity: float = 0.97  # threshold rule: see watcher.evaluation
+    min_sensitivity: float = 0.97  # threshold floor: see watcher.calibration
+    calibration_prior: str = calibration.DEFAULT_PRIOR  # "balanced" (prevalence 0.5) or "validation"
+    threshold_rule: str = calibration.DEFAULT_RULE  # "max_specificity" or "youden_floor"
+    threshold_margin: float = 0.0  # validation sensitivity asked above min_sensitivity
     n_boot: int = 1000
     verbose: int | None = None  # Keras fit verbosity; None: bar on a TTY, a line per epoch else
 
 
-# ------------------------------------------------------------------ augmentation
-
-
-def _warp(img: GreyImage, angle_deg: float, sx: float, sy: float, shift: tuple[float, float]) -> GreyImage:
-    """Rotate and scale (separately along x and y) about the centre, then shift; reflect at borders."""
-    h, w = img.shape
-    a = math.radians(angle_deg)
-    lin = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]) @ np.diag([sx, sy])
-    centre = np.array([w / 2.0, h / 2.0])
-    offset = centre - lin @ centre + np.asarray(shift)
-    mat = np.hstack([lin, offset[:, None]])
-    out = cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    return np.asarray(out, dtype=np.uint8)
-
-
-def augment_grey(img: GreyImage, rng: np.random.Generator, opt: AugmentOptions, label: int = -1) -> GreyImage:
-    """One random augmentation of a grey uint8 image (same size out).
-
-    ``label`` (0 NORMAL, 1 PNEUMONIA) enables the class-balancing aspect change: with
-    probability ``p_class_aspect`` a NORMAL image gets the horizontal squeeze typical of
-    PNEUMONIA originals and a PNEUMONIA image the inverse stretch, so that in training the
-    apparent chest width says nothing about the class.
-    """
-    h, w = img.shape
-    out: npt.NDArray[Any] = img
-    # pose: rotation, zoom, shift in one affine warp
-    angle = rng.uniform(-opt.rotate_deg, opt.rotate_deg)
-    scale = rng.uniform(*opt.scale)
-    ratio = math.exp(rng.uniform(-math.log(opt.aspect), math.log(opt.aspect))) if opt.aspect > 1 else 1.0
-    sx = sy = scale
-    if label in (0, 1) and rng.random() < opt.p_class_aspect:
-        # always a zoom-in (crop) along one axis, never a squeeze with filled borders: a
-        # class-specific border pattern would be a new shortcut (seen in validation probes)
-        if label == 0:
-            sy /= opt.class_aspect  # taller: the chest looks as narrow as in PNEUMONIA originals
-        else:
-            sx /= opt.class_aspect  # wider: as in NORMAL originals
-    shift = (rng.uniform(-opt.shift, opt.shift) * w, rng.uniform(-opt.shift, opt.shift) * h)
-    out = _warp(out, angle, sx * math.sqrt(ratio), sy / math.sqrt(ratio), shift)
-    if opt.hflip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    # acquisition: resolution, blur / sharpness
-    if rng.random() < opt.p_downup:
-        f = rng.uniform(*opt.downup)
-        small = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
-        interp = cv2.INTER_LINEAR if rng.random() < 0.5 else cv2.INTER_CUBIC
-        out = cv2.resize(small, (w, h), interpolation=interp)
-    if rng.random() < opt.p_blur:
-        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(*opt.blur_sigma))
-    elif rng.random() < opt.p_sharpen:
-        soft = cv2.GaussianBlur(out, (0, 0), 1.0)
-        out = cv2.addWeighted(out, 1.0 + (a := rng.uniform(*opt.sharpen)), soft, -a, 0)
-    # intensity: gamma, contrast, brightness (one lookup table)
-    lut = np.arange(256, dtype=np.float64) / 255.0
-    if rng.random() < opt.p_gamma:
-        lut = lut ** math.exp(rng.uniform(-opt.log_gamma, opt.log_gamma))
-    if rng.random() < opt.p_contrast:
-        lut = (lut - 0.5) * rng.uniform(*opt.contrast) + 0.5 + rng.uniform(-opt.brightness, opt.brightness)
-    out = cv2.LUT(out, np.clip(np.round(lut * 255.0), 0, 255).astype(np.uint8))
-    if rng.random() < opt.p_noise:
-        sigma = rng.uniform(*opt.noise_std)
-        noisy = out.astype(np.float32) + rng.normal(0.0, sigma, out.shape).astype(np.float32)
-        out = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-    if rng.random() < opt.p_jpeg:
-        quality = int(rng.integers(opt.jpeg_quality[0], opt.jpeg_quality[1] + 1))
-        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        decoded = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
-        if decoded is not None:
-            out = decoded
-    return np.ascontiguousarray(out, dtype=np.uint8)
-
-
 # ------------------------------------------------------------ robustness probes
-
-
-def _downup(img: GreyImage, f: float) -> GreyImage:
-    h, w = img.shape
-    small = cv2.resize(img, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
-    return np.asarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
-
-
-def _jpeg(img: GreyImage, quality: int) -> GreyImage:
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
-    return img if out is None else np.asarray(out, dtype=np.uint8)
-
-
-def _lut(img: GreyImage, fn: Any) -> GreyImage:
-    table = np.clip(np.round(fn(np.arange(256) / 255.0) * 255.0), 0, 255).astype(np.uint8)
-    return np.asarray(cv2.LUT(img, table), dtype=np.uint8)
-
-
-# name -> (transform of the raw grey image, which classes it is applied to)
-PROBES: dict[str, tuple[Any, tuple[int, ...]]] = {
-    "lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0, 1)),
-    "blur_sigma_1.2": (lambda im: cv2.GaussianBlur(im, (0, 0), 1.2), (0, 1)),
-    "jpeg_q30": (lambda im: _jpeg(im, 30), (0, 1)),
-    "gamma_0.7": (lambda im: _lut(im, lambda v: v**0.7), (0, 1)),
-    "gamma_1.4": (lambda im: _lut(im, lambda v: v**1.4), (0, 1)),
-    "contrast_0.7": (lambda im: _lut(im, lambda v: (v - 0.5) * 0.7 + 0.5), (0, 1)),
-    # the sharpness shortcut: NORMAL images made as soft as the lower-resolution PNEUMONIA originals
-    "normal_only_lower_resolution_0.5": (lambda im: _downup(im, 0.5), (0,)),
-    # the aspect shortcut: NORMAL originals are ~1.24 wide:high, PNEUMONIA ~1.57, both squeezed to a
-    # square, so NORMAL chests look 1/0.79 wider; here NORMAL images get the PNEUMONIA squeeze
-    "normal_only_aspect_0.79": (lambda im: _warp(im, 0.0, 0.79, 1.0, (0.0, 0.0)), (0,)),
-    "aspect_0.79": (lambda im: _warp(im, 0.0, 0.79, 1.0, (0.0, 0.0)), (0, 1)),
-    # the same relative squeeze without filled borders: stretch vertically (crop top and bottom)
-    "normal_only_taller_1.27": (lambda im: _warp(im, 0.0, 1.0, 1.0 / 0.79, (0.0, 0.0)), (0,)),
-    "pneumonia_only_wider_1.27": (lambda im: _warp(im, 0.0, 1.0 / 0.79, 1.0, (0.0, 0.0)), (1,)),
-}
 
 
 def robustness_report(
@@ -414,38 +286,13 @@ def _check_data(data: Path, samples: Sequence[Sample]) -> None:
             )
 
 
-def _calibrate_model(
-    model: Any, y_val: npt.NDArray[np.int64], raw: npt.NDArray[np.float64]
-) -> dict[str, Any]:
-    """Platt-scale on validation: the logit shift is folded into the output bias, T is returned.
-
-    Falls back to a plain temperature when the model has no final sigmoid Dense layer with a
-    bias, or the fitted slope is outside 0.05..20 (a degenerate fit, e.g. on a handful of images).
-    """
-    a, c = evaluation.fit_platt(y_val, raw)
-    last = model.layers[-1]
-    activation = getattr(getattr(last, "activation", None), "__name__", "")
-    if not 0.05 < a < 20 or not getattr(last, "use_bias", False) or activation != "sigmoid":
-        t = evaluation.fit_temperature(y_val, raw)
-        return {"method": "temperature scaling (NLL on validation)", "temperature": t, "logit_shift": 0.0}
-    shift = c / a
-    kernel, bias = last.get_weights()
-    last.set_weights([kernel, bias + np.float32(shift)])
-    return {
-        "method": "Platt scaling (NLL on validation): the logit shift is folded into the output "
-        "layer's bias, the slope is served as 1 / temperature",
-        "temperature": 1.0 / a,
-        "logit_shift": shift,
-        "platt_a": a,
-        "platt_c": c,
-    }
-
-
-def _unshift_model(model: Any, shift: float) -> None:
-    """Take a folded logit shift out of the output layer's bias again."""
-    if shift:
-        kernel, bias = model.layers[-1].get_weights()
-        model.layers[-1].set_weights([kernel, bias - np.float32(shift)])
+def threshold_rule_text(rule: str, min_sensitivity: float, margin: float = 0.0) -> str:
+    """The threshold rule in words, as stored in metrics.json and metadata.json."""
+    floor = f"validation sensitivity >= {min_sensitivity + margin:g}" + (
+        f" (floor {min_sensitivity:g} + margin {margin:g})" if margin else ""
+    )
+    head = "max Youden J" if rule == "youden_floor" else "best specificity"
+    return f"{head} subject to {floor}, midpoint to the next lower score"
 
 
 def compare_with_current(
@@ -573,39 +420,33 @@ def train(opts: TrainOptions) -> str:
             ]
         )
 
-    raw_before = raw_scores(model)
-    calibration = _calibrate_model(model, y_val, raw_before)
     raw = raw_scores(model)
-    if abs(evaluation.roc_auc(y_val, raw) - evaluation.roc_auc(y_val, raw_before)) > 1e-6:
-        # the shifted outputs saturated in float32 and lost their order: undo, use a temperature
-        _unshift_model(model, float(calibration["logit_shift"]))
-        calibration = {
-            "method": "temperature scaling (NLL on validation); Platt shift undone: it saturated the outputs",
-            "temperature": evaluation.fit_temperature(y_val, raw_before),
-            "logit_shift": 0.0,
-        }
-        raw = raw_scores(model)
-    temperature = float(calibration["temperature"])
-    probs = evaluation.apply_temperature(raw, temperature)
-    threshold = evaluation.choose_threshold(y_val, probs, opts.min_sensitivity)
+    cal = calibration.fit_calibration(y_val, raw, opts.calibration_prior)
+    temperature, logit_shift = cal.temperature, cal.logit_shift
+    probs = cal.apply(raw)
+    threshold = calibration.choose_threshold(
+        y_val, probs, opts.min_sensitivity, rule=opts.threshold_rule, margin=opts.threshold_margin
+    )
     groups = [samples[i].group for i in va]
     report = evaluation.full_report(y_val, probs, threshold, groups, n_boot=opts.n_boot, seed=opts.seed)
     report["uncalibrated"] = {
-        "ece": evaluation.expected_calibration_error(y_val, raw_before),
-        "nll": evaluation.nll(y_val, raw_before),
+        "ece": evaluation.expected_calibration_error(y_val, raw),
+        "nll": evaluation.nll(y_val, raw),
     }
-    report["calibration"] = calibration
+    report["calibration"] = cal.to_dict()
+    report["ece_at_assumed_prevalence"] = evaluation.expected_calibration_error(
+        y_val, probs, prevalence=cal.assumed_prevalence
+    )
     report["calibrated_nll"] = evaluation.nll(y_val, probs)
     report["temperature"] = temperature
-    report["threshold_rule"] = (
-        f"max Youden J subject to validation sensitivity >= {opts.min_sensitivity}, "
-        "midpoint to the next lower score"
+    report["threshold_rule"] = threshold_rule_text(
+        opts.threshold_rule, opts.min_sensitivity, opts.threshold_margin
     )
+    report["validation_reference"] = drift.reference_from_scores(y_val, probs, threshold)
     report["split"] = split.summary()
 
     def predict_calibrated(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        raw_b = np.asarray(model.predict_on_batch(batch)).reshape(-1)
-        return evaluation.apply_temperature(raw_b, temperature)
+        return cal.apply(np.asarray(model.predict_on_batch(batch)).reshape(-1))
 
     report["robustness"] = robustness_report(predict_calibrated, val_images, y_val, spec, threshold)
     log.info("train_robustness", **{k: v["roc_auc"] for k, v in report["robustness"].items()})
@@ -627,7 +468,9 @@ def train(opts: TrainOptions) -> str:
             "preprocessing": spec.to_dict(),
             "threshold": threshold,
             "temperature": temperature,
-            "calibration": calibration,
+            "logit_shift": logit_shift,
+            "calibration": cal.to_dict(),
+            "validation_reference": report["validation_reference"],
             "architecture": opts.arch,
             "architecture_description": arch_def.description,
             "input_shape": [spec.height, spec.width, 1],
@@ -694,6 +537,7 @@ def train(opts: TrainOptions) -> str:
         val=report["metrics"],
         threshold=threshold,
         temperature=temperature,
+        logit_shift=logit_shift,
         training_time_s=round(training_time, 1),
     )
     if opts.promote:

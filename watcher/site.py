@@ -1,0 +1,395 @@
+"""``xray-watcher calibrate``: refit calibration and threshold of a version on a local labelled sample.
+
+::
+
+    xray-watcher calibrate --data DIR [--store model_store] [--base VERSION]
+                           [--min-sensitivity 0.97] [--promote]
+
+``DIR`` holds ``NORMAL/`` and ``PNEUMONIA/`` with 50 to 500 images from the new site (at least
+20 per class, or it refuses). The base version's ``model.keras`` is copied byte for byte; only
+metadata.json changes: ``temperature`` and ``logit_shift`` (Platt scaling with class-balanced
+weights, so probabilities hold for a stated prevalence of 0.5) and ``threshold`` (best
+specificity with sensitivity >= the floor, ``watcher.calibration``). Images are decoded and
+preprocessed exactly as the daemon does (``imaging.decode_bytes`` + ``preprocess`` with the
+base's spec) and scored by the base's ``Predictor`` model.
+
+The published figures are cross-validated on the sample (stratified k-fold, grouped by
+patient when file names carry patient ids, else per file): calibration and threshold are
+fitted on k-1 folds and measured on the held-out fold, and the held-out calls are pooled, so
+they are not the optimistic in-sample figures; 95% intervals by bootstrap (patients). A
+sample with few PNEUMONIA images cannot show a sensitivity of 0.97: the command says so,
+with the exact (Wilson) lower bound the sample supports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from watcher import calibration, drift, evaluation, model_store
+from watcher.errors import DecodeError, EvaluationError, WatcherError
+from watcher.imaging import decode_bytes, preprocess
+from watcher.splits import CLASS_NAMES, list_samples, patient_key
+
+log = structlog.get_logger()
+
+MIN_PER_CLASS = 20
+RECOMMENDED_TOTAL = (50, 500)
+DEFAULT_FOLDS = 5
+DEFAULT_POPULATION = (
+    "chest X-rays of children aged 1-5 (Guangzhou Women and Children's Medical Center, "
+    "Kermany et al. 2018), the population the weights were trained on"
+)
+
+
+def _score(predictor: Any, inputs: npt.NDArray[np.float32], batch: int = 32) -> npt.NDArray[np.float64]:
+    """Raw model outputs (before calibration), batch by batch, through the daemon's Predictor."""
+    raw_fn = getattr(predictor, "raw_probabilities", None)  # the serving graph, where Predictor has one
+    if raw_fn is None:
+
+        def raw_fn(x: npt.NDArray[np.float32]) -> Any:
+            return predictor.model.predict_on_batch(x)
+
+    out = [
+        np.asarray(raw_fn(inputs[i : i + batch]), dtype=np.float64).reshape(-1)
+        for i in range(0, len(inputs), batch)
+    ]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _load(data: Path, predictor: Any) -> dict[str, Any]:
+    """Decode + preprocess every image of the sample; unreadable files are skipped and listed."""
+    missing = [c for c in CLASS_NAMES if not (data / c).is_dir()]
+    if missing:
+        raise EvaluationError(
+            f"{data} must hold NORMAL/ and PNEUMONIA/ subfolders; missing: {', '.join(missing)}"
+        )
+    inputs, labels, groups, files, skipped = [], [], [], [], []
+    for s in list_samples(data):
+        raw = s.path.read_bytes()
+        try:
+            inputs.append(preprocess(decode_bytes(raw), predictor.spec))
+        except DecodeError as exc:
+            log.warning("calibrate_file_skipped", file=str(s.path), error=str(exc))
+            skipped.append({"file": str(s.path.relative_to(data)), "error": str(exc)})
+            continue
+        labels.append(s.label)
+        key = patient_key(s.path.name)
+        groups.append(f"{s.label}/{key.group}")
+        files.append({"file": s.path.relative_to(data).as_posix(), "sha256": hashlib.sha256(raw).hexdigest()})
+    return {
+        "x": np.stack(inputs).astype(np.float32) if inputs else np.zeros((0, 1, 1, 1), np.float32),
+        "y": np.asarray(labels, dtype=np.int64),
+        "groups": groups,
+        "files": files,
+        "skipped": skipped,
+    }
+
+
+def _fit(
+    y: npt.NDArray[np.int64], raw: npt.NDArray[np.float64], min_sensitivity: float, prior: str, rule: str
+) -> tuple[calibration.Calibration, float]:
+    cal = calibration.fit_calibration(y, raw, prior)
+    return cal, calibration.choose_threshold(y, cal.apply(raw), min_sensitivity, rule=rule)
+
+
+def cross_validate(
+    y: npt.NDArray[np.int64],
+    raw: npt.NDArray[np.float64],
+    groups: list[str],
+    min_sensitivity: float = 0.97,
+    prior: str = calibration.DEFAULT_PRIOR,
+    rule: str = calibration.DEFAULT_RULE,
+    folds: int = DEFAULT_FOLDS,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Out-of-fold calibrated probabilities and calls, pooled, with patient-bootstrap intervals.
+
+    Each fold's calls come from the threshold fitted on the other folds; the pooled metrics
+    (except ECE, taken on the pooled probabilities) are computed on the decision margin
+    ``sigmoid(logit(p) - logit(threshold_fold))`` at 0.5, which reproduces each fold's calls.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    per_class_groups = min(len({g for g, lab in zip(groups, y, strict=True) if lab == c}) for c in (0, 1))
+    k = max(2, min(folds, per_class_groups))
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    probs = np.zeros(y.size)
+    margin = np.zeros(y.size)
+    fold_fits = []
+    for tr, te in cv.split(np.zeros(y.size), y, groups):
+        cal, thr = _fit(y[tr], raw[tr], min_sensitivity, prior, rule)
+        probs[te] = cal.apply(raw[te])
+        margin[te] = calibration.sigmoid(calibration.logit(probs[te]) - calibration.logit(thr))
+        fold_fits.append({"threshold": thr, "temperature": cal.temperature, "logit_shift": cal.logit_shift})
+    metrics = evaluation.binary_metrics(y, margin, 0.5)
+    ci = evaluation.bootstrap_ci(y, margin, 0.5, groups, n_boot=n_boot, seed=seed)
+    metrics["ece"] = evaluation.expected_calibration_error(y, probs)
+    ci["ece"] = evaluation.bootstrap_ci(y, probs, 0.5, groups, n_boot=n_boot, seed=seed)["ece"]
+    return {
+        "folds": k,
+        "unit": "patient" if any(not g.split("/", 1)[1].startswith("file:") for g in groups) else "file",
+        "metrics": metrics,
+        "ci95": ci,
+        "confusion_matrix": evaluation.confusion_matrix(y, margin, 0.5),
+        "fold_fits": fold_fits,
+        "probabilities": probs,
+        "margin": margin,
+    }
+
+
+def power_warnings(n_pos: int, misses: int, min_sensitivity: float) -> tuple[float, list[str]]:
+    """The Wilson 95% lower bound of sensitivity this sample supports, and warnings in words."""
+    lower = calibration.sensitivity_lower_bound(n_pos, misses)
+    needed = calibration.min_positives_for(min_sensitivity)
+    warnings = []
+    if lower < min_sensitivity:
+        found = f"{n_pos - misses} of {n_pos} PNEUMONIA images found in cross-validation"
+        if n_pos < needed:
+            warnings.append(
+                f"the sample is too small to show sensitivity >= {min_sensitivity:g}: {found}, 95% "
+                f"lower bound {lower:.3f} (Wilson); one miss moves sensitivity by 1/{n_pos} = "
+                f"{1 / n_pos:.3f}, and even with none missed at least {needed} PNEUMONIA images are "
+                f"needed for a lower bound of {min_sensitivity:g}"
+            )
+        else:
+            warnings.append(
+                f"the sample does not show sensitivity >= {min_sensitivity:g}: {found} "
+                f"({(n_pos - misses) / n_pos:.3f}), 95% lower bound {lower:.3f} (Wilson)"
+            )
+    return lower, warnings
+
+
+def calibrate_site(
+    data: Path,
+    store: Path,
+    base: str | None = None,
+    min_sensitivity: float = 0.97,
+    promote: bool = False,
+    *,
+    prior: str = calibration.DEFAULT_PRIOR,
+    rule: str = calibration.DEFAULT_RULE,
+    folds: int = DEFAULT_FOLDS,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> str:
+    """Publish a copy of ``base`` recalibrated on the sample in ``data``; returns the new version."""
+    from watcher.inference import Predictor
+
+    data, store = Path(data), Path(store)
+    if not 0.0 < min_sensitivity < 1.0:
+        raise EvaluationError(f"--min-sensitivity must be in (0, 1), got {min_sensitivity}")
+    base_version = base or model_store.current_version(store)
+    predictor = Predictor(store, base_version)
+    sample = _load(data, predictor)
+    y = sample["y"]
+    counts = {cls: int(np.sum(y == i)) for i, cls in enumerate(CLASS_NAMES)}
+    short = {cls: n for cls, n in counts.items() if n < MIN_PER_CLASS}
+    if short:
+        raise EvaluationError(
+            f"the sample in {data} has {', '.join(f'{n} {cls}' for cls, n in short.items())} readable "
+            f"image(s); at least {MIN_PER_CLASS} per class are needed (50-500 in all recommended)"
+        )
+    warnings: list[str] = []
+    total = int(y.size)
+    if total < RECOMMENDED_TOTAL[0]:
+        warnings.append(f"only {total} images: 50-500 are recommended")
+    raw = _score(predictor, sample["x"])
+    cv = cross_validate(y, raw, sample["groups"], min_sensitivity, prior, rule, folds, n_boot, seed)
+    (_, _), (fn, _) = cv["confusion_matrix"]
+    lower, power = power_warnings(counts["PNEUMONIA"], fn, min_sensitivity)
+    warnings.extend(power)
+    cal, threshold = _fit(y, raw, min_sensitivity, prior, rule)
+    served = cal.apply(raw)
+    base_meta = predictor.metadata
+    cal_dict = cal.to_dict()
+    cal_dict["base_folded_logit_shift"] = (
+        float(base_meta.get("calibration", {}).get("logit_shift", 0.0))
+        if "logit_shift" not in base_meta
+        else 0.0
+    )
+    cal_dict["fitted_on"] = f"the site sample ({total} images), raw outputs of {base_version}'s model"
+    cv_report = {
+        "method": f"stratified {cv['folds']}-fold cross-validation grouped by {cv['unit']}: calibration "
+        "and threshold fitted on k-1 folds, calls on the held-out fold, pooled",
+        "folds": cv["folds"],
+        "unit": cv["unit"],
+        "n_images": total,
+        "n_normal": counts["NORMAL"],
+        "n_pneumonia": counts["PNEUMONIA"],
+        "n_patients": len(set(sample["groups"])),
+        "metrics": cv["metrics"],
+        "ci95": cv["ci95"],
+        "bootstrap": {"n": n_boot, "unit": cv["unit"]},
+        "confusion_matrix": {
+            "rows_true": list(CLASS_NAMES),
+            "cols_predicted": list(CLASS_NAMES),
+            "matrix": cv["confusion_matrix"],
+        },
+        "sensitivity_lower_bound_95": lower,
+        "ece_at_assumed_prevalence": evaluation.expected_calibration_error(
+            y, cv["probabilities"], prevalence=cal.assumed_prevalence
+        ),
+        "fold_fits": cv["fold_fits"],
+    }
+    for name, val in cv["metrics"].items():
+        log.info("calibrate_cv_metric", metric=name, value=round(val, 4), ci95=cv["ci95"].get(name))
+    for text in warnings:
+        log.warning("calibrate_sample_warning", warning=text)
+
+    build = model_store.new_build_dir(store)
+    try:
+        shutil.copyfile(store / base_version / model_store.MODEL_FILE, build / model_store.MODEL_FILE)
+        rule_text = (
+            f"{'best specificity' if rule == 'max_specificity' else 'max Youden J'} subject to sensitivity "
+            f">= {min_sensitivity:g} on the site sample, midpoint to the next lower score"
+        )
+        metrics = {
+            "threshold": threshold,
+            "n_images": total,
+            "n_normal": counts["NORMAL"],
+            "n_pneumonia": counts["PNEUMONIA"],
+            "n_patients": cv_report["n_patients"],
+            "metrics": cv["metrics"],
+            "ci95": cv["ci95"],
+            "bootstrap": cv_report["bootstrap"],
+            "confusion_matrix": cv_report["confusion_matrix"],
+            "reliability": evaluation.reliability_bins(y, cv["probabilities"]),
+            "in_sample": evaluation.binary_metrics(y, served, threshold),
+            "cross_validation": cv_report,
+            "calibration": cal_dict,
+            "temperature": cal.temperature,
+            "logit_shift": cal.logit_shift,
+            "threshold_rule": rule_text,
+            "warnings": warnings,
+            "skipped": sample["skipped"],
+        }
+        evaluation.write_plots(build, y, cv["margin"], 0.5)
+        evaluation.plot_reliability(y, cv["probabilities"], build / evaluation.PLOT_FILES[3])
+        (build / model_store.METRICS_FILE).write_text(
+            json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8"
+        )
+        keep = ("class_names", "preprocessing", "architecture", "architecture_description", "input_shape")
+        metadata: dict[str, Any] = {k: base_meta[k] for k in keep if k in base_meta}
+        metadata.update(
+            {
+                "version": None,
+                "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "base_version": base_version,
+                "threshold": threshold,
+                "temperature": cal.temperature,
+                "logit_shift": cal.logit_shift,
+                "calibration": cal_dict,
+                "intended_population": base_meta.get("intended_population", DEFAULT_POPULATION),
+                "site_calibration": {
+                    "data": str(data.resolve()),
+                    "images": counts,
+                    "files": sample["files"],
+                    "skipped_files": sample["skipped"],
+                    "min_sensitivity": min_sensitivity,
+                    "threshold_rule": rule_text,
+                    "warnings": warnings,
+                },
+                "validation": {
+                    "split": "site cross-validation",
+                    "threshold_rule": rule_text,
+                    **cv["metrics"],
+                    "ci95": cv["ci95"],
+                    "n_images": total,
+                    "n_patients": cv_report["n_patients"],
+                    "sensitivity_lower_bound_95": lower,
+                },
+                "validation_reference": {
+                    **drift.reference_from_scores(y, served, threshold, source="site sample"),
+                    "prevalence": None,  # the sample's mix is a choice, not the site's: share test off
+                },
+                "weights": {"copied_from": base_version, "training": base_meta.get("training")},
+            }
+        )
+        for key in ("parameters", "library_versions"):
+            if key in base_meta:
+                metadata[key] = base_meta[key]
+
+        def stamp(version: str) -> None:
+            metadata["version"] = version
+            (build / model_store.METADATA_FILE).write_text(
+                json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
+            )
+
+        stamp("unpublished")
+        version = model_store.publish(store, build, stamp=stamp)
+    except BaseException:
+        model_store.remove_build(build)
+        raise
+    log.info(
+        "calibrate_published",
+        version=version,
+        base=base_version,
+        threshold=round(threshold, 4),
+        temperature=round(cal.temperature, 4),
+        logit_shift=round(cal.logit_shift, 4),
+        images=counts,
+    )
+    if promote:
+        model_store.set_current(
+            store, version, reason=f"calibrate --promote (site calibration of {base_version})"
+        )
+    return version
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``xray-watcher calibrate``."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="labelled local sample: NORMAL/ and PNEUMONIA/ (50-500 images)",
+    )
+    parser.add_argument("--store", type=Path, default=Path("model_store"), help="default: %(default)s")
+    parser.add_argument("--base", help="version to recalibrate (default: current)")
+    parser.add_argument(
+        "--min-sensitivity",
+        type=float,
+        default=0.97,
+        help="sensitivity floor of the threshold (default: %(default)s)",
+    )
+    parser.add_argument("--promote", action="store_true", help="make the new version current")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run ``calibrate``; prints the new version and the cross-validated figures; 0 or 1."""
+    try:
+        version = calibrate_site(args.data, args.store, args.base, args.min_sensitivity, args.promote)
+    except WatcherError as exc:
+        print(f"xray-watcher calibrate: error: {exc}", file=sys.stderr)
+        return 1
+    meta = model_store.read_metadata(Path(args.store), version)
+    val = meta["validation"]
+    ci = val["ci95"]
+    print(version)
+    print(
+        f"base {meta['base_version']}, threshold {meta['threshold']:.4f}, "
+        f"temperature {meta['temperature']:.3f}, logit shift {meta['logit_shift']:+.3f} "
+        f"(probabilities for prevalence "
+        f"{meta['calibration']['assumed_prevalence']:g})",
+        file=sys.stderr,
+    )
+    for name in ("sensitivity", "specificity", "roc_auc", "ece"):
+        print(
+            f"  {name:<12} {val[name]:.3f} (95% CI {ci[name][0]:.3f}-{ci[name][1]:.3f}), cross-validated",
+            file=sys.stderr,
+        )
+    for text in meta["site_calibration"]["warnings"]:
+        print(f"warning: {text}", file=sys.stderr)
+    return 0
