@@ -25,6 +25,7 @@ run: install
 	$(VENV)/bin/xray-watcher run --config $(CONFIG)
 
 test: install-dev
+	@sh scripts/ensure-chromium.sh || echo "make test: no Chromium, so the review page's browser test will be skipped (see above)"
 	$(VENV)/bin/pytest
 
 lint: install-dev

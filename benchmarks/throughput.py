@@ -1,21 +1,35 @@
-"""Throughput of ``run --once`` against what the machine can decode and infer.
+"""Throughput and latency of the real daemon against what this machine can decode and infer.
 
 Usage (from the repo root; reads ../shared, never used by the tests):
 
-    .venv/bin/python benchmarks/throughput.py [--source ../shared/data/fullres] [--repeat 1]
-        [--batch 16] [--workers 2] [--store model_store]
+    .venv/bin/python benchmarks/throughput.py [--copies 6] [--heatmaps] [--store model_store]
 
-Prints three figures for the same files: decode+preprocess alone (files/s with ``workers``
-threads), inference alone (files/s on preprocessed batches), and the whole service
-(``Service.run(once=True)``: claim, read, hash, decode, preprocess, infer, CSV row, move).
-The model is loaded before timing starts.
+Prints, in one run, on the same files (the 80 full-resolution originals of
+``../shared/data/fullres``, copied ``--copies`` times, at least 400 files):
+
+- start-up: ``xray-watcher run`` started until it sends READY=1 (a real notify socket);
+- single-file latency into an idle daemon: a file renamed into the inbox until its row is in
+  results.csv, p50 and p95 over ``--singles`` files dropped 1.5 s apart;
+- end to end: all files renamed into the inbox of the running daemon at once, until the last
+  row (images/s), and the daemon's peak memory (VmHWM);
+- the seed's per-file loop: ``cv2.imread``, resize, ``model.predict`` on one image, with the
+  seed architecture (v0001);
+- the decode-only ceiling (DCT-scaled JPEG decode + preprocess on every core) and the
+  model-only ceiling (batches of 32), and the ceiling when both share the cores,
+  ``1 / (1/decode + 1/model)``;
+- DICOM decoding (explicit VR little endian, 8-bit) of the same images beside JPEG;
+- each figure against its target (issue 9).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,83 +37,235 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from watcher.config import load_config  # noqa: E402
-from watcher.imaging import decode_image, preprocess  # noqa: E402
+from watcher.imaging import decode, input_floor, preprocess  # noqa: E402
 from watcher.inference import Predictor  # noqa: E402
-from watcher.logs import configure_logging  # noqa: E402
-from watcher.service import Service  # noqa: E402
+from watcher.runtime import usable_cores  # noqa: E402
+
+
+def rows_in(path: Path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return max(0, fh.read().count(b'\n"20'))
+    except FileNotFoundError:
+        return 0
+
+
+def vm_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Daemon:
+    """``xray-watcher run`` as a subprocess with a notify socket (READY time)."""
+
+    def __init__(self, cfg_path: Path, sock_path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(sock_path))
+        self.t0 = time.perf_counter()
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1"}
+        env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        self.sock.settimeout(120)
+        while True:
+            msg = self.sock.recv(4096).decode()
+            if "READY=1" in msg:
+                self.ready_s = time.perf_counter() - self.t0
+                break
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=120)
+        self.sock.close()
+        return err.decode(errors="replace")
+
+
+def seed_loop(files: list[Path], store: Path) -> float:
+    """The seed's way: one file at a time, cv2.imread, resize, model.predict on one image."""
+    import keras
+
+    seed_dir = store / "v0001"
+    model = keras.saving.load_model(seed_dir / "model.keras", compile=False)
+    meta = json.loads((seed_dir / "metadata.json").read_text())
+    h, w = meta["preprocessing"]["height"], meta["preprocessing"]["width"]
+    model.predict(np.zeros((1, h, w, 1), np.float32), verbose=0)
+    t0 = time.perf_counter()
+    for p in files:
+        img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        x = cv2.resize(img, (w, h)).astype(np.float32)[None, :, :, None] / 255.0
+        model.predict(x, verbose=0)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def decode_ceiling(datas: list[bytes], predictor: Predictor, workers: int) -> tuple[float, list]:
+    floor = input_floor(predictor.spec)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        inputs = list(pool.map(lambda d: preprocess(decode(d, min_size=floor).image, predictor.spec), datas))
+    return len(datas) / (time.perf_counter() - t0), inputs
+
+
+def model_ceiling(inputs: list, predictor: Predictor, batch: int = 32) -> float:
+    predictor.probabilities(np.stack(inputs[:batch]))
+    t0 = time.perf_counter()
+    for i in range(0, len(inputs), batch):
+        predictor.probabilities(np.stack(inputs[i : i + batch]))
+    return len(inputs) / (time.perf_counter() - t0)
+
+
+def dicom_bytes(path: Path) -> bytes:
+    """An explicit VR little endian 8-bit DX DICOM of a JPEG's pixels (pydicom)."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+    ds.Rows, ds.Columns = img.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = img.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, default=Path("../shared/data/fullres"))
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--store", type=Path, default=Path("model_store"))
-    ap.add_argument("--version", default=None)
+    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "fullres")
+    ap.add_argument("--copies", type=int, default=6)
+    ap.add_argument("--singles", type=int, default=11)
+    ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    ap.add_argument("--heatmaps", action="store_true", help="run the daemon with explain.enabled")
+    ap.add_argument("--batch", type=int, default=16, help="batch.max_size of the daemon")
     args = ap.parse_args()
-
-    files = sorted(p for p in args.source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not files:
+    originals = sorted(p for p in args.source.rglob("*.jpeg"))
+    if not originals:
         print(f"no images under {args.source}", file=sys.stderr)
         return 2
-    predictor = Predictor(args.store.resolve(), args.version)
-    n = len(files) * args.repeat
-    mb = sum(p.stat().st_size for p in files) * args.repeat / 1e6
-    print(f"model {predictor.version} ({predictor.metadata.get('architecture')}), input "
-          f"{predictor.spec.height}x{predictor.spec.width}, {n} files ({mb:.1f} MB), batch {args.batch}, "
-          f"{args.workers} decode workers, {os.cpu_count()} CPUs")
+    cores = usable_cores()
+    predictor = Predictor(args.store.resolve())
+    files = originals * args.copies
+    print(
+        f"model {predictor.version} ({predictor.metadata.get('architecture')}), {len(files)} files "
+        f"({len(originals)} originals x {args.copies}), {cores} cores, heat maps "
+        f"{'on' if args.heatmaps else 'off'}, batch {args.batch}"
+    )
 
-    # 1. decode + preprocess alone
-    work = files * args.repeat
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.workers) as pool:
-        inputs = list(pool.map(lambda p: preprocess(decode_image(p), predictor.spec), work))
-    decode_s = time.perf_counter() - t0
-
-    # 2. inference alone (one warm-up batch first)
-    batch = np.stack(inputs[: args.batch])
-    predictor.probabilities(batch)
-    t0 = time.perf_counter()
-    for i in range(0, n, args.batch):
-        predictor.probabilities(np.stack(inputs[i : i + args.batch]))
-    infer_s = time.perf_counter() - t0
-
-    # 3. the whole service, run --once
+    results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name in ("inbox", "processed", "failed"):
+        for name in ("inbox", "processed", "failed", "stage"):
             (root / name).mkdir()
-        for r in range(args.repeat):
-            for p in files:
-                shutil.copy(p, root / "inbox" / f"{r}-{p.name}")
-        cfg_path = root / "config.yaml"
-        cfg_path.write_text(yaml.safe_dump({
-            "inbox": "inbox", "processed": "processed", "failed": "failed", "results": "results.csv",
-            "model_store": str(args.store.resolve()), "instance_id": "bench",
-            "batch": {"max_size": args.batch, "max_wait_ms": 200},
-            "decode": {"workers": args.workers}, "ingest": {"settle_ms": 0},
-            "log": {"level": "warning"},
-        }))
-        configure_logging("warning", "json")
-        cfg = load_config(cfg_path)
-        t0 = time.perf_counter()
-        Service(cfg, predictor=predictor).run(once=True)
-        service_s = time.perf_counter() - t0
-        rows = sum(1 for _ in open(root / "results.csv")) - 1  # noqa: SIM115
+        cfg = {
+            "inbox": "inbox",
+            "processed": "processed",
+            "failed": "failed",
+            "results": "results.csv",
+            "model_store": str(args.store.resolve()),
+            "instance_id": "bench",
+            "batch": {"max_size": args.batch, "max_wait_ms": 500},
+            "decode": {"workers": cores},
+            "log": {"level": "warning", "format": "json"},
+            "explain": {"enabled": args.heatmaps},
+            "review": {"page": ""},
+        }
+        (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+        staged = []
+        for i, p in enumerate(files):
+            dest = root / "stage" / f"{i:04d}-{p.name}"
+            shutil.copy(p, dest)
+            staged.append(dest)
+        d = Daemon(root / "config.yaml", root / "notify.sock")
+        results["startup_s"] = d.ready_s
+        try:
+            # single files into the idle daemon
+            lat = []
+            results_csv = root / "results.csv"
+            for p in staged[: args.singles]:
+                time.sleep(1.5)
+                before = rows_in(results_csv)
+                t0 = time.perf_counter()
+                p.rename(root / "inbox" / p.name)
+                while rows_in(results_csv) <= before:
+                    time.sleep(0.002)
+                lat.append(time.perf_counter() - t0)
+            results["latency_p50_ms"] = statistics.median(lat) * 1000
+            results["latency_p95_ms"] = float(np.percentile(lat, 95)) * 1000
+            time.sleep(1.0)
+            # the burst
+            rest = staged[args.singles :]
+            before = rows_in(results_csv)
+            t0 = time.perf_counter()
+            for p in rest:
+                p.rename(root / "inbox" / p.name)
+            while rows_in(results_csv) < before + len(rest):
+                time.sleep(0.01)
+            elapsed = time.perf_counter() - t0
+            results["e2e_files_s"] = len(rest) / elapsed
+            results["peak_rss_mib"] = vm_hwm_mib(d.proc.pid)
+        finally:
+            err = d.stop()
+        if "Traceback" in err:
+            print(err[-3000:], file=sys.stderr)
+        heat = sorted((root / "heatmaps").rglob("*.png")) if args.heatmaps else []
 
-    print(f"{'stage':28} {'seconds':>8} {'files/s':>8}")
-    print(f"{'decode+preprocess':28} {decode_s:8.2f} {n / decode_s:8.1f}")
-    print(f"{'inference':28} {infer_s:8.2f} {n / infer_s:8.1f}")
-    print(f"{'run --once (whole service)':28} {service_s:8.2f} {n / service_s:8.1f}   ({rows} rows)")
-    bound = 1 / (1 / (n / decode_s) + 1 / (n / infer_s))
-    print(f"serial bound decode+infer: {bound:.1f} files/s; overlap ideal: {min(n / decode_s, n / infer_s):.1f}")
+    datas = [p.read_bytes() for p in files]
+    results["decode_files_s"], inputs = decode_ceiling(datas, predictor, cores)
+    results["model_files_s"] = model_ceiling(inputs, predictor)
+    results["ceiling_files_s"] = 1 / (1 / results["decode_files_s"] + 1 / results["model_files_s"])
+    dcm = [dicom_bytes(p) for p in originals]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(lambda b: decode(b).image, dcm))
+    results["dicom_decode_files_s"] = len(dcm) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(lambda b: decode(b, min_size=input_floor(predictor.spec)).image, datas[: len(dcm)]))
+    results["jpeg_decode_only_files_s"] = len(dcm) / (time.perf_counter() - t0)
+    results["seed_loop_files_s"] = seed_loop(originals * 2, args.store.resolve())
+
+    r = results
+    print()
+    print(f"{'measure':52} {'value':>10}  target")
+    print(f"{'start-up to READY (s)':52} {r['startup_s']:10.2f}  < 10")
+    print(f"{'single file into idle daemon, p50 (ms)':52} {r['latency_p50_ms']:10.0f}  < 300")
+    print(f"{'single file into idle daemon, p95 (ms)':52} {r['latency_p95_ms']:10.0f}")
+    print(f"{'end to end, drop -> row -> moved (images/s)':52} {r['e2e_files_s']:10.1f}")
+    print(f"{'daemon peak memory, VmHWM (MiB)':52} {r['peak_rss_mib']:10.0f}")
+    print(f"{'seed per-file loop (images/s)':52} {r['seed_loop_files_s']:10.1f}")
+    print(f"{'decode + preprocess alone, all cores (images/s)':52} {r['decode_files_s']:10.1f}")
+    print(f"{'model alone, batch 32 (images/s)':52} {r['model_files_s']:10.1f}")
+    print(f"{'ceiling 1/(1/decode + 1/model) (images/s)':52} {r['ceiling_files_s']:10.1f}")
+    print(f"{'JPEG decode alone, same images (images/s)':52} {r['jpeg_decode_only_files_s']:10.1f}")
+    print(f"{'DICOM decode alone, explicit VR LE 8-bit (images/s)':52} {r['dicom_decode_files_s']:10.1f}")
+    print(f"{'end to end / seed loop':52} {r['e2e_files_s'] / r['seed_loop_files_s']:10.1f}  >= 10")
+    print(f"{'end to end / ceiling':52} {r['e2e_files_s'] / r['ceiling_files_s']:10.2f}  >= 0.8")
+    if args.heatmaps:
+        print(f"{'heat maps written':52} {len(heat):10d}")
     return 0
 
 

@@ -47,3 +47,38 @@ class TestCollectBatch:
         stop = threading.Event()
         threading.Timer(0.2, stop.set).start()
         assert [] == collect_batch(q, 8, 1.0, stop=stop)
+
+
+class TestIdleModel:
+    def test_lone_item_goes_at_once_when_the_model_is_idle(self) -> None:
+        """Nothing else queued and the model idle: no wait at all, whatever max_wait is."""
+        q: queue.Queue[int] = queue.Queue()
+        idle = threading.Event()
+        idle.set()
+        q.put(1)
+        t0 = time.monotonic()
+        assert [1] == collect_batch(q, 8, 5.0, send_now=idle.is_set)
+        assert time.monotonic() - t0 < 0.5
+
+    def test_items_pile_up_while_the_model_is_busy(self) -> None:
+        """While the model is busy, arrivals join the batch; it goes when the model is idle again."""
+        q: queue.Queue[int] = queue.Queue()
+        idle = threading.Event()
+        q.put(1)
+        for i, delay in enumerate((0.05, 0.1, 0.15)):
+            threading.Timer(delay, q.put, args=(i + 2,)).start()
+        threading.Timer(0.4, idle.set).start()
+        t0 = time.monotonic()
+        assert [1, 2, 3, 4] == collect_batch(q, 8, 5.0, send_now=idle.is_set)
+        assert 0.35 <= time.monotonic() - t0 < 2.0
+
+    def test_busy_model_still_bounded_by_max_wait_and_size(self) -> None:
+        """A model that stays busy: the batch goes at max_size, or at max_wait after its first item."""
+        q: queue.Queue[int] = queue.Queue()
+        idle = threading.Event()
+        for i in range(5):
+            q.put(i)
+        assert [0, 1, 2] == collect_batch(q, 3, 5.0, send_now=idle.is_set)
+        t0 = time.monotonic()
+        assert [3, 4] == collect_batch(q, 3, 0.3, send_now=idle.is_set)
+        assert 0.25 <= time.monotonic() - t0 < 2.0

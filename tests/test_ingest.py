@@ -113,7 +113,7 @@ class TestLibraryWarnings:
     def test_daemon_under_pythonwarnings_error_keeps_its_observer(
         self, make_config: Callable[..., Config], tmp_path: Path
     ) -> None:
-        """480 files moved into 5 subfolders of a daemon run with PYTHONWARNINGS=error: no restart, no traceback."""
+        """480 files moved in 5 subfolders, daemon under PYTHONWARNINGS=error: no restart, no traceback."""
         cfg = make_config(batch={"max_size": 16, "max_wait_ms": 50}, ingest={"settle_ms": 100})
         stage = tmp_path / "stage"
         originals = {}

@@ -19,10 +19,12 @@ from watcher import __version__, model_store
 from watcher.config import Config, DecodeConfig, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.logs import capture_thread_crashes, configure_logging
+from watcher.runtime import import_tensorflow, quiet_tensorflow
 
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = "config.yaml"
+_NEEDS_TENSORFLOW = {"run", "check", "predict", "evaluate", "train", "calibrate", "backfill"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +84,22 @@ def _parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="check the config and the current model; exit 0 or 1")
     with_config(chk)
+
+    st = sub.add_parser("status", help="is the daemon for this config running and healthy? exit 0 or 1")
+    with_config(st)
+    st.add_argument("--json", action="store_true", help="print the state as JSON")
+
+    lis = sub.add_parser("listen", help="receive DICOM over the network (C-STORE) into the inbox")
+    with_config(lis)
+
+    from watcher import backfill, init, site
+
+    ini = sub.add_parser("init", help="lay out config.yaml, folders and the bundled model in DIR")
+    init.add_arguments(ini)
+    bf = sub.add_parser("backfill", help="score an archive folder into a Parquet dataset (local or Ray)")
+    backfill.add_arguments(bf)
+    cal = sub.add_parser("calibrate", help="refit calibration and threshold on a labelled local sample")
+    site.add_arguments(cal)
     return p
 
 
@@ -232,11 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg: Config | None = None
     try:
-        if args.command in ("run", "check"):
+        if args.command in ("run", "check", "status", "listen"):
             cfg = load_config(args.config)
             configure_logging(cfg.log.level, cfg.log.format)
+            quiet_tensorflow(cfg.log.level)
         else:
             configure_logging("info", "auto", stream=sys.stderr)
+            quiet_tensorflow("info")
+        if args.command in _NEEDS_TENSORFLOW:
+            import_tensorflow()
         if args.command == "run":
             assert cfg is not None
             return cmd_run(args, cfg)
@@ -251,6 +273,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "status":
+            from watcher import status
+
+            assert cfg is not None
+            return status.cli_main(cfg, args.json)
+        if args.command == "listen":
+            from watcher import listener
+
+            assert cfg is not None
+            capture_thread_crashes()
+            return listener.cli_main(cfg)
+        if args.command == "init":
+            from watcher import init
+
+            return init.cli_main(args)
+        if args.command == "backfill":
+            from watcher import backfill
+
+            return backfill.cli_main(args)
+        if args.command == "calibrate":
+            from watcher import site
+
+            return site.cli_main(args)
     except ConfigError as exc:
         print(f"xray-watcher: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,16 @@ _COUNT = int(_NTH) if _NTH.isdigit() else 1
 _hits = 0
 _lock = threading.Lock()
 
-POINTS = ("claimed", "decoded", "torn_write", "rows_written", "linked", "placed")
+POINTS = (
+    "claimed",
+    "decoded",
+    "torn_write",
+    "rows_written",
+    "linked",
+    "placed",
+    "rotated",
+    "rotation_created",
+)
 
 
 def hit(point: str) -> None:

@@ -131,11 +131,52 @@ def to_uint8(pixels: npt.NDArray[Any]) -> GreyImage:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _decode_raster(data: bytes, fmt: str, max_pixels: int) -> GreyImage:
+_REDUCED = {
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+def jpeg_reduction(width: int, height: int, min_width: int, min_height: int) -> int:
+    """The largest libjpeg DCT scaling factor (8, 4, 2 or 1) keeping at least ``min_width`` x ``min_height``.
+
+    libjpeg decodes at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients, which costs a
+    fraction of a full decode; the image is then ``ceil(width / r)`` x ``ceil(height / r)``.
+    """
+    for r in (8, 4, 2):
+        if -(-width // r) >= min_width and -(-height // r) >= min_height:
+            return r
+    return 1
+
+
+def _decode_reduced_jpeg(buf: npt.NDArray[np.uint8], width: int, height: int, r: int) -> GreyImage | None:
+    """A DCT-scaled grey decode, or None where libjpeg cannot (then the caller decodes in full)."""
+    img = cv2.imdecode(buf, _REDUCED[r])
+    expected = (-(-height // r), -(-width // r))
+    if img is None or img.ndim != 2 or img.dtype != np.uint8 or img.shape != expected:
+        return None  # e.g. a 12-bit JPEG, or a decoder that does not scale: full decode instead
+    return np.ascontiguousarray(img)
+
+
+def _decode_raster(
+    data: bytes, fmt: str, max_pixels: int, min_size: tuple[int, int] = (0, 0)
+) -> tuple[GreyImage, int, int]:
+    """The grey image, and the width and height the file declares.
+
+    ``min_size`` (height, width): a JPEG may be decoded DCT-scaled as long as the result keeps
+    at least this size (the service asks for twice the model input on each side).
+    """
     width, height = _png_size(data) if fmt == "png" else _jpeg_size(data)
     _check_pixels(width, height, max_pixels)
     _check_complete(fmt, data)
     buf = np.frombuffer(data, dtype=np.uint8)
+    if fmt == "jpeg" and min_size[0] > 0 and min_size[1] > 0:
+        r = jpeg_reduction(width, height, min_size[1], min_size[0])
+        if r > 1:
+            reduced = _decode_reduced_jpeg(buf, width, height, r)
+            if reduced is not None:
+                return reduced, width, height
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DecodeError(f"{fmt.upper()} data could not be decoded (corrupt image data)")
@@ -150,23 +191,42 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int) -> GreyImage:
         else:
             raise DecodeError(f"{fmt.upper()} has {channels} channels; expected 1 to 4")
     if img.dtype == np.uint8:
-        return np.ascontiguousarray(img)
-    return to_uint8(img)
+        return np.ascontiguousarray(img), width, height
+    return to_uint8(img), width, height
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded file: the grey image, and what a DICOM file said about itself (else ``None``)."""
+    """A decoded file: the grey image, and what a DICOM file said about itself (else ``None``).
+
+    ``width`` and ``height`` are the file's own size, which is larger than ``image`` when a JPEG
+    was decoded DCT-scaled.
+    """
 
     image: GreyImage
     dicom: DicomInfo | None = None
+    width: int = 0
+    height: int = 0
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, accept_any_body_part: bool = False) -> Decoded:
+def input_floor(spec: PreprocessSpec) -> tuple[int, int]:
+    """The smallest (height, width) a decode may return for ``spec``: twice what preprocess shrinks to."""
+    eff = spec.effective_size
+    return 2 * max(spec.height, eff), 2 * max(spec.width, eff)
+
+
+def decode(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    accept_any_body_part: bool = False,
+    min_size: tuple[int, int] = (0, 0),
+) -> Decoded:
     """Decode JPEG, PNG or DICOM bytes into a ``Decoded``, or raise ``DecodeError``.
 
     DICOM objects other than chest projection radiographs are refused unless
     ``accept_any_body_part`` (config ``dicom.accept_any_body_part``); see ``watcher.dicom``.
+    ``min_size`` (height, width), e.g. ``input_floor(spec)``: a large JPEG is then decoded
+    DCT-scaled to no less than this, several times faster; (0, 0) decodes in full.
     """
     if not data:
         raise DecodeError("the file is empty (0 bytes)")
@@ -179,11 +239,12 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, accept_any_body_pa
     info = None
     if fmt == "dicom":
         img, info = dicom.read_dicom(data, max_pixels, accept_any_body_part)
+        width, height = (img.shape[1], img.shape[0]) if img.ndim == 2 else (0, 0)
     else:
-        img = _decode_raster(data, fmt, max_pixels)
+        img, width, height = _decode_raster(data, fmt, max_pixels, min_size)
     if img.ndim != 2 or img.size == 0:
         raise DecodeError(f"decoded image has unusable shape {img.shape}")
-    return Decoded(img, info)
+    return Decoded(img, info, width, height)
 
 
 def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GreyImage:

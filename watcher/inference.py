@@ -34,11 +34,17 @@ class Prediction:
     label: str
 
 
-def calibrate(raw_prob: npt.NDArray[np.floating[Any]], temperature: float) -> npt.NDArray[np.float64]:
-    """Temperature-scale sigmoid outputs: sigmoid(logit(p) / T)."""
+def calibrate(
+    raw_prob: npt.NDArray[np.floating[Any]], temperature: float, logit_shift: float = 0.0
+) -> npt.NDArray[np.float64]:
+    """Calibrate sigmoid outputs: sigmoid((logit(p) + logit_shift) / T).
+
+    ``logit_shift`` is metadata.json's top-level ``logit_shift`` (0 when absent: v0001, and
+    v0002, whose Platt shift is folded into the output bias).
+    """
     p = np.clip(np.asarray(raw_prob, dtype=np.float64), _EPS, 1.0 - _EPS)
     logits = np.log(p) - np.log1p(-p)
-    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-logits / temperature))
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-(logits + logit_shift) / temperature))
     return out
 
 
@@ -55,18 +61,20 @@ class Predictor:
             self.spec = PreprocessSpec.from_dict(self.metadata["preprocessing"])
             self.threshold = float(self.metadata["threshold"])
             self.temperature = float(self.metadata.get("temperature", 1.0))
+            self.logit_shift = float(self.metadata.get("logit_shift", 0.0))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelStoreError(f"metadata.json of {self.version} is incomplete: {exc}") from exc
-        if not 0.0 < self.threshold < 1.0 or self.temperature <= 0:
+        if not 0.0 < self.threshold < 1.0 or self.temperature <= 0 or not np.isfinite(self.logit_shift):
             raise ModelStoreError(
-                f"metadata.json of {self.version}: threshold {self.threshold} must be in (0, 1) "
-                f"and temperature {self.temperature} > 0"
+                f"metadata.json of {self.version}: threshold {self.threshold} must be in (0, 1), "
+                f"temperature {self.temperature} > 0 and logit_shift {self.logit_shift} finite"
             )
         path = store / self.version / model_store.MODEL_FILE
         try:
             self.model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad file
             raise ModelStoreError(f"cannot load {path}: {exc}") from exc
+        self._serve: Any = None
         expected = (self.spec.height, self.spec.width, 1)
         got = tuple(self.model.input_shape[1:])
         if got != expected:
@@ -76,8 +84,32 @@ class Predictor:
         """Calibrated pneumonia probabilities for a batch of shape (n, h, w, 1)."""
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float64)
-        raw = np.asarray(self.model.predict_on_batch(batch)).reshape(-1)
-        return calibrate(raw, self.temperature)
+        raw = self.raw_probabilities(batch)
+        return calibrate(raw, self.temperature, self.logit_shift)
+
+    def raw_probabilities(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The network's own sigmoid outputs for a batch of shape (n, h, w, 1), uncalibrated.
+
+        One compiled graph for every batch size (the batch dimension is left open), so a lone
+        file and a full batch reuse the same graph; no per-call data-adapter overhead.
+        """
+        if self._serve is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec((None, self.spec.height, self.spec.width, 1), tf.float32)
+            model = self.model
+            self._serve = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        out = self._serve(np.ascontiguousarray(batch, dtype=np.float32))
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def warm_up(self, batch_size: int) -> float:
+        """Build and run the serving graph once (before READY); returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        for n in sorted({1, max(1, batch_size)}):
+            self.raw_probabilities(np.zeros((n, self.spec.height, self.spec.width, 1), np.float32))
+        return time.perf_counter() - t0
 
     def label_for(self, probability: float) -> str:
         """The class at this version's operating threshold."""

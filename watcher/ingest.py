@@ -8,13 +8,16 @@ events and costs no watches, however many claim folders come and go. A candidate
 once it is fully written: after its close-write event, or when its size and mtime have
 not changed for ``settle_ms``. Hidden files (leading dot, which also hides our own work
 folder ``.xray-watcher``) and ``*.part``/``*.tmp`` files are never candidates, so writers
-can use the "write under a temporary name, then rename" convention.
+can use the "write under a temporary name, then rename" convention. Candidates are files with
+a listed extension, files with no extension, and files with any other extension whose first
+bytes are DICOM.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -33,11 +36,13 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from watcher.config import Config
+from watcher.dicom import looks_like_dicom
 
 log = structlog.get_logger()
 
 PARTIAL_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 CLOSE_GRACE_S = 0.2
+_SNIFF_BYTES = 4096
 
 
 def _is_hidden_below(root: bytes, path: bytes) -> bool:
@@ -66,7 +71,7 @@ def _make_native_observer() -> BaseObserver:
     inotify observer is not available (not Linux), the platform's default is used.
     """
     try:
-        from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
     except ImportError:  # pragma: no cover - not Linux
         return Observer()
 
@@ -89,7 +94,7 @@ def _make_native_observer() -> BaseObserver:
                     if not os.path.islink(full_path):
                         self._add_callback(full_path)
 
-    class VisibleEmitter(InotifyEmitter):
+    class VisibleEmitter(InotifyFullEmitter):  # a file moved in from outside is a move, not a create
         def on_thread_start(self) -> None:
             self._inotify = VisibleWatchGroup(
                 self._inotify_fd,
@@ -115,7 +120,30 @@ def is_candidate(inbox: Path, path: Path, extensions: tuple[str, ...]) -> bool:
     name = path.name.lower()
     if name.endswith(PARTIAL_SUFFIXES):
         return False
-    return name.endswith(extensions)
+    if name.endswith(extensions):
+        return True
+    if "." not in name:  # DICOM files often have no extension: any regular file without one
+        try:
+            return stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            return False
+    return _is_dicom_file(path)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Whether a file with some other extension holds DICOM (its first bytes; links not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return looks_like_dicom(os.read(fd, _SNIFF_BYTES))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def scan_inbox(inbox: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
@@ -167,8 +195,12 @@ class Ingest:
 
     # ------------------------------------------------------------ noticing
 
-    def notice(self, path: Path, closed: bool = False) -> None:
-        """Something happened to ``path``; consider it (thread-safe, never raises)."""
+    def notice(self, path: Path, closed: bool = False, complete: bool = False) -> None:
+        """Something happened to ``path``; consider it (thread-safe, never raises).
+
+        ``complete``: the file was renamed into place, so it is whole already (the writer's
+        "write under a temporary name, then rename" convention) and is ready at once.
+        """
         try:
             if not is_candidate(self.inbox, path, self.cfg.ingest.extensions):
                 return
@@ -179,6 +211,11 @@ class Ingest:
                     return
                 if key is None:
                     self._pending.pop(path, None)
+                    return
+                if complete:
+                    self._pending.pop(path, None)
+                    self._queued.add(path)
+                    self.ready.put(path)
                     return
                 entry = self._pending.get(path)
                 if entry is None:
@@ -285,6 +322,8 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
             target = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
+            if not target:
+                return  # moved out of the inbox (claims included): nothing to take
             if _is_hidden_below(os.fsencode(self.ingest.inbox), os.fsencode(target)):
                 return  # e.g. the work folder's first creation, or a file renamed to a hidden name
             if event.is_directory:
@@ -296,7 +335,7 @@ class _Handler(FileSystemEventHandler):
                         self.ingest.notice(path)
                 return
             if isinstance(event, FileSystemMovedEvent):
-                self.ingest.notice(Path(os.fsdecode(event.dest_path)))
+                self.ingest.notice(Path(os.fsdecode(event.dest_path)), complete=True)
                 return
             if event.event_type in ("created", "modified"):
                 self.ingest.notice(Path(os.fsdecode(event.src_path)))

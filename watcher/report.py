@@ -708,3 +708,39 @@ def disk_report(results: Path, processed: Path, failed: Path, min_free_mb: int) 
         "min_free_mb": min_free_mb,
         "warning": low_disk_warning(results, processed, failed, min_free_mb),
     }
+
+
+def tail_rows(path: Path, n: int) -> list[dict[str, str]]:
+    """The last ``n`` complete rows of one results file, oldest first, reading only its tail."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    try:
+        size = os.fstat(fd).st_size
+        line = _header_line(fd)
+        if line is None or n <= 0:
+            return []
+        columns = next(csv.reader([line[0]]))
+        data_start = line[1]
+        start = _record_start_before(fd, size, data_start)
+        end = start + _last_complete_end(os.pread(fd, size - start, start))  # a torn tail is not a row
+        out: list[dict[str, str]] = []
+        pos, carry = end, b""
+        while pos > data_start and len(out) < n:
+            lo = max(data_start, pos - _BLOCK)
+            buf = os.pread(fd, pos - lo, lo) + carry
+            if lo == data_start:
+                first = 0
+            else:
+                m = _ROW_START.search(buf)
+                if m is None:
+                    carry, pos = buf, lo  # one record longer than a block: read further back
+                    continue
+                first = m.start() + 1
+            records = _parse(buf[first:])
+            carry, pos = buf[:first], lo
+            out = [dict(zip(columns, r, strict=True)) for r in records if len(r) == len(columns)] + out
+        return out[-n:]
+    finally:
+        os.close(fd)

@@ -14,15 +14,25 @@ anything else is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import re
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from watcher.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from watcher.config import Config
+
+log = structlog.get_logger()
 
 Row = Mapping[str, str]
 HrefFn = Callable[[Row], "str | None"]
@@ -299,3 +309,63 @@ def write_page(path: Path, page: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     os.chmod(path, 0o644)  # the temp file was 0600; others open the page from a share
+
+
+class ReviewPage:
+    """The daemon's review page: the newest rows in memory, rewritten at most every few seconds.
+
+    Seeded from the tail of results.csv at start-up (never the whole file); each batch adds
+    its rows; ``maybe_write`` renders and writes atomically when ``review.interval_s`` has
+    passed since the last write. A failure to write is logged, never raised: the page is a
+    view of results.csv, which stays the record.
+    """
+
+    def __init__(self, path: Path, cfg: Config, max_rows: int = 200) -> None:
+        from collections import deque
+
+        from watcher.report import tail_rows
+
+        self.path = path
+        self.cfg = cfg
+        self.base = cfg.source.parent if cfg.source is not None else Path.cwd()
+        self.rows: deque[dict[str, str]] = deque(tail_rows(cfg.results, max_rows), maxlen=max_rows)
+        self.interval_s = cfg.review.interval_s
+        self._last_write = 0.0
+        self._dirty = True
+
+    def add(self, rows: Iterable[Any]) -> None:
+        """Rows of a batch (``ResultRow`` objects or dicts)."""
+        for row in rows:
+            self.rows.append(dict(row) if isinstance(row, Mapping) else dataclasses.asdict(row))
+        self._dirty = True
+
+    def maybe_write(self, predictor: Any) -> None:
+        """Rewrite the page if rows were added and ``interval_s`` has passed."""
+        if self._dirty and time.monotonic() - self._last_write >= self.interval_s:
+            self.write(predictor)
+
+    def _heatmap_href(self, row: Mapping[str, str]) -> str | None:
+        rel = row.get("heatmap") or ""
+        return relative_href(self.base / rel, self.path) if rel else None
+
+    def write(self, predictor: Any) -> None:
+        """Render and write the page now."""
+        rows = list(self.rows)
+        model = dict(predictor.metadata) if predictor is not None else {}
+        if predictor is not None:
+            model.update(version=predictor.version, threshold=predictor.threshold)
+        try:
+            page = render_page(
+                rows,
+                model=model,
+                counts=count_rows(rows),
+                heatmap_href=self._heatmap_href,
+                thumb_href=lambda row: None,
+                generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                max_rows=len(rows),
+            )
+            write_page(self.path, page)
+        except Exception as exc:  # the page never stops the service
+            log.error("review_page_failed", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
+        self._last_write = time.monotonic()
+        self._dirty = False

@@ -31,29 +31,73 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import structlog
 
-from watcher import failpoints, model_store, systemd
+from watcher import __version__, drift, failpoints, metrics, model_store, runtime, systemd
 from watcher.batching import collect_batch
-from watcher.config import Config
-from watcher.errors import DecodeError, ModelStoreError, ReportError, WatcherError
-from watcher.filing import link_into, plan_destination
+from watcher.config import Config, load_config
+from watcher.dicom import population_of, population_warning
+from watcher.errors import ConfigError, DecodeError, ModelStoreError, ReportError, WatcherError
+from watcher.filing import destination_root, link_into, plan_destination
 from watcher.fsutil import fsync_dir
-from watcher.imaging import ModelInput, PreprocessSpec, decode_bytes, preprocess
-from watcher.inference import Predictor
+from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, input_floor, preprocess, resize
+from watcher.inference import Prediction, Predictor, calibrate
 from watcher.ingest import Ingest
-from watcher.logs import capture_library_warnings
-from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
+from watcher.logs import capture_library_warnings, configure_logging
+from watcher.report import ResultRow, ResultsWriter, find_rows, format_utc, low_disk_warning
+from watcher.review import ReviewPage
+from watcher.status import DiskUsage, StatusWriter, make_state, summary_line
 
 log = structlog.get_logger()
 
 T = TypeVar("T")
 CLAIMED = "claimed"
 _MAX_BACKOFF_S = 60.0
+TICK_S = 5.0  # state file, STATUS= and queue-depth gauge
+DISK_CHECK_S = 300.0
+# what SIGHUP may change in a running daemon (the rest is logged as needing a restart)
+_LIVE_SECTIONS = {"batch", "log", "metrics", "review"}
+_LIVE_KEYS = {"ingest.rescan_interval_s", "ingest.settle_ms", "model_poll_s", "report.min_free_mb"}
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def _diff(old: Config, new: Config) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return [k for k in a if a[k] != b.get(k)]
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _with(cfg: Any, key: str, value: Any) -> Any:
+    import dataclasses
+
+    head, _, rest = key.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _with(getattr(cfg, head), rest, value)})
 
 
 @dataclass
@@ -71,6 +115,13 @@ class Item:
     error: str = ""
     known_destination: str = ""  # recovery: the row exists already, only the move is owed
     claim_dir: Path | None = None
+    study_instance_uid: str = ""  # DICOM only; nothing else of the patient is kept
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    age_years: float | None = None
+    age_text: str = ""
+    thumb: GreyImage | None = None  # a small copy of the radiograph, for the heat map overlay
+    decode_s: float = 0.0  # read, hash, decode and preprocess
 
 
 def read_file(path: Path, max_bytes: int) -> bytes:
@@ -102,16 +153,45 @@ def read_file(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def load_item(item: Item, spec: PreprocessSpec, max_pixels: int, max_bytes: int) -> Item:
+THUMB_SIDE = 384  # longest side of the radiograph kept for a heat map overlay
+
+
+def thumbnail(image: GreyImage, side: int = THUMB_SIDE) -> GreyImage:
+    """A copy of ``image`` whose longest side is at most ``side`` (area averaging)."""
+    h, w = image.shape
+    scale = min(1.0, side / max(h, w))
+    if scale >= 1.0:
+        return image.copy()
+    return resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+def load_item(
+    item: Item,
+    spec: PreprocessSpec,
+    max_pixels: int,
+    max_bytes: int,
+    accept_any_body_part: bool = False,
+    keep_thumbnail: bool = False,
+) -> Item:
     """Hash, decode and preprocess one item in place; failures go to ``item.error``."""
+    t0 = time.perf_counter()
     try:
         data = read_file(item.path, max_bytes)
         item.size = len(data)
         item.sha256 = hashlib.sha256(data).hexdigest()
-        image = decode_bytes(data, max_pixels)
-        item.height, item.width = image.shape
+        decoded = decode(data, max_pixels, accept_any_body_part, min_size=input_floor(spec))
+        image = decoded.image
+        if decoded.dicom is not None:
+            info = decoded.dicom
+            item.study_instance_uid = info.study_instance_uid
+            item.series_instance_uid = info.series_instance_uid
+            item.sop_instance_uid = info.sop_instance_uid
+            item.age_years, item.age_text = info.age_years, info.age_text
+        item.height, item.width = decoded.height, decoded.width  # the file's size, not the decode's
         item.model_input = preprocess(image, spec)  # a full-size image is not held past here
         item.spec = spec
+        if keep_thumbnail:
+            item.thumb = thumbnail(image)
         failpoints.hit("decoded")
     except DecodeError as exc:
         item.error = str(exc)
@@ -120,6 +200,7 @@ def load_item(item: Item, spec: PreprocessSpec, max_pixels: int, max_bytes: int)
     except Exception as exc:  # isolation: one odd file must never stop the service
         log.exception("decode_unexpected_error", file=str(item.rel))
         item.error = f"unexpected error while decoding: {type(exc).__name__}: {exc}"
+    item.decode_s = time.perf_counter() - t0
     return item
 
 
@@ -158,8 +239,14 @@ class Service:
         self.cfg = cfg
         self.claim_root = cfg.work_dir / CLAIMED
         self.ingest = Ingest(cfg)
-        self.results = ResultsWriter(cfg.results)
+        self.results = ResultsWriter(cfg.results, cfg.report)
         self.predictor = predictor
+        self._explainer: Any = None  # a GradCam of the serving model when explain.enabled
+        self._drift: drift.DriftMonitor | None = None
+        self._drift_message = ""
+        self._population: dict[str, Any] = {}
+        page = cfg.review_page
+        self.review = ReviewPage(page, cfg, max_rows=cfg.review.max_rows) if page is not None else None
         self._lock = InstanceLock(cfg.work_dir)
         self._stop_taking = threading.Event()  # SIGTERM: take no new files
         self._input_done = threading.Event()  # --once: nothing more will arrive
@@ -169,7 +256,14 @@ class Service:
         self._recovered: list[Item] = []
         self._bad_versions: set[str] = set()
         self._last_model_check = time.monotonic()
-        self.counts = {"ok": 0, "failed": 0, "batches": 0, "recovered": 0}
+        self.counts = {"ok": 0, "failed": 0, "batches": 0, "recovered": 0, "warnings": 0}
+        self.metrics: metrics.Metrics | metrics.NoMetrics = metrics.NoMetrics()
+        self._status = StatusWriter(cfg.status_file)
+        self._disk = DiskUsage.for_config(cfg)
+        self._started_at = time.time()
+        self._last_batch_at: float | None = None
+        self._last_tick = 0.0
+        self._last_disk_check = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -200,16 +294,23 @@ class Service:
     def run(self, once: bool = False, on_ready: Callable[[], None] | None = None) -> int:
         """Process the inbox; with ``once`` return when it is empty, else run until stopped."""
         capture_library_warnings()
+        log.info("starting", version=__version__, config=str(self.cfg.source), instance=self.cfg.instance_id)
         self._lock.acquire()
         try:
             self.results.open()
+            self._start_metrics()
+            log.info("device", **runtime.configure_tensorflow())
             if self.predictor is None:
                 self.predictor = Predictor(self.cfg.model_store)
+            warm_s = self.predictor.warm_up(self.cfg.batch.max_size)
+            self._serving(self.predictor)
+            self._check_disk()
             log.info(
                 "model_loaded",
                 model_version=self.predictor.version,
                 threshold=self.predictor.threshold,
                 architecture=self.predictor.metadata.get("architecture"),
+                warm_up_ms=round(warm_s * 1000, 1),
             )
             self._recover()
             decoder = threading.Thread(target=self._decode_loop, name="decoder", daemon=True)
@@ -225,13 +326,19 @@ class Service:
                     instance=self.cfg.instance_id,
                 )
             systemd.notify(f"READY=1\nSTATUS=serving model {self.predictor.version}")
+            self._tick(force=True)
             if on_ready is not None:
                 on_ready()
             self._infer_loop()
             systemd.notify("STOPPING=1")
             decoder.join()
+            if self.review is not None:
+                self.review.write(self.predictor)
         finally:
             self.ingest.stop()
+            self.results.close()
+            self.metrics.stop()
+            self._status.remove()
             self._lock.release()
         log.info(
             "stopped",
@@ -239,6 +346,7 @@ class Service:
             files_failed=self.counts["failed"],
             batches=self.counts["batches"],
             recovered=self.counts["recovered"],
+            population_warnings=self.counts["warnings"],
             rows_written=self.results.rows_written,
         )
         return 0
@@ -267,11 +375,10 @@ class Service:
         if not claim_dirs:
             return
         claimed = {d.name for d in claim_dirs}
-        done = {
-            (row["claim"], row["file"]): row["destination"]
-            for row in read_rows(self.cfg.results)
-            if row.get("claim") in claimed and row.get("instance") == self.cfg.instance_id
-        }
+        # a claim's rows are written after its folder was made: only the tail is read
+        oldest = min(d.stat().st_mtime for d in claim_dirs)
+        not_before = format_utc(datetime.fromtimestamp(oldest, timezone.utc) - timedelta(hours=1))
+        done = find_rows(self.cfg.results, claimed, self.cfg.instance_id, not_before)
         for claim_dir in claim_dirs:
             files: list[Path] = []
             for root, dirs, names in os.walk(claim_dir, topdown=False):
@@ -338,6 +445,7 @@ class Service:
                         cfg.batch.max_size,
                         cfg.batch.max_wait_ms / 1000.0,
                         stop=self._no_more_input,
+                        send_now=self._decoded.empty,  # the model has nothing queued: go now
                     )
                     if not paths:
                         break  # empty only once no more input will come
@@ -380,10 +488,75 @@ class Service:
         assert self.predictor is not None
         spec = self.predictor.spec
         todo = [i for i in items if not i.known_destination]
-        list(pool.map(lambda i: load_item(i, spec, self.cfg.decode.max_pixels, max_bytes), todo))
+        list(pool.map(lambda i: self._load(i, spec, max_bytes), todo))
         self._decoded.put(items)
 
+    def _load(self, item: Item, spec: PreprocessSpec, max_bytes: int) -> Item:
+        return load_item(
+            item,
+            spec,
+            self.cfg.decode.max_pixels,
+            max_bytes,
+            accept_any_body_part=self.cfg.dicom.accept_any_body_part,
+            keep_thumbnail=self.cfg.explain.enabled,
+        )
+
     # ------------------------------------------------------------ stage 2: infer + report + file
+
+    def _start_metrics(self) -> None:
+        try:
+            self.metrics = metrics.create(self.cfg.metrics)
+        except OSError as exc:
+            raise WatcherError(
+                f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port}: "
+                f"{exc.strerror or exc} (metrics.port in {self.cfg.source})"
+            ) from exc
+        if self.cfg.metrics.port:
+            log.info("metrics_serving", host=self.cfg.metrics.host, port=self.cfg.metrics.port)
+
+    def queue_depth(self) -> int:
+        """Files noticed but not yet scored: settling, ready, and decoded batches waiting."""
+        waiting = sum(len(b) for b in list(self._decoded.queue) if b)
+        return self.ingest.pending_count() + self.ingest.ready.qsize() + waiting
+
+    def _tick(self, force: bool = False) -> None:
+        """Every few seconds: the state file for ``xray-watcher status``, systemd's STATUS=, metrics."""
+        now = time.monotonic()
+        if not force and now - self._last_tick < TICK_S:
+            return
+        self._last_tick = now
+        assert self.predictor is not None
+        depth = self.queue_depth()
+        self.metrics.set_queue_depth(depth)
+        state = make_state(
+            self.cfg,
+            started_at=self._started_at,
+            model_version=self.predictor.version,
+            files_ok=self.counts["ok"],
+            files_failed=self.counts["failed"],
+            queue_depth=depth,
+            last_batch_at=self._last_batch_at,
+            disk=self._disk.current(),
+            tick_s=TICK_S,
+        )
+        state["drift"] = self._drift_message
+        try:
+            self._status.write(state)
+        except OSError as exc:
+            log.warning("status_write_failed", path=str(self.cfg.status_file), error=exc.strerror or str(exc))
+        systemd.notify("STATUS=" + summary_line(state))
+        if now - self._last_disk_check >= DISK_CHECK_S:
+            self._check_disk()
+
+    def _check_disk(self) -> None:
+        self._last_disk_check = time.monotonic()
+        cfg = self.cfg
+        try:
+            warning = low_disk_warning(cfg.results, cfg.processed, cfg.failed, cfg.report.min_free_mb)
+        except OSError as exc:
+            warning = f"cannot measure free space: {exc.strerror or exc}"
+        if warning:
+            log.warning("disk_space_low", message=warning, min_free_mb=cfg.report.min_free_mb)
 
     def _infer_loop(self) -> None:
         # the watchdog is fed from this loop, so a wedged pipeline stops the pings
@@ -393,6 +566,7 @@ class Service:
             if ping_every is not None and time.monotonic() - last_ping >= ping_every:
                 systemd.notify("WATCHDOG=1")
                 last_ping = time.monotonic()
+            self._tick()
             try:
                 items = self._decoded.get(timeout=0.2)
             except queue.Empty:
@@ -410,6 +584,8 @@ class Service:
         forced = self._reload_now.is_set()
         self._reload_now.clear()
         self._last_model_check = time.monotonic()
+        if forced:
+            self._reload_config()
         assert self.predictor is not None
         try:
             wanted = model_store.current_version(self.cfg.model_store)
@@ -431,6 +607,108 @@ class Service:
             threshold=new.threshold,
         )
         self.predictor = new
+        self._serving(new)
+
+    def _reload_config(self) -> None:
+        """SIGHUP: re-read config.yaml; apply what can change live, name what needs a restart."""
+        if self.cfg.source is None:
+            return
+        try:
+            new = load_config(self.cfg.source)
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc), kept="the running configuration")
+            return
+        old = self.cfg
+        changed = {k for k in _diff(old, new)}
+        live = {k for k in changed if k.split(".")[0] in _LIVE_SECTIONS or k in _LIVE_KEYS}
+        restart = sorted(changed - live)
+        merged = new
+        for key in restart:  # keep the running value of what cannot change live
+            merged = _with(merged, key, _get(old, key))
+        self.cfg = merged
+        self.ingest.cfg = merged
+        self.ingest.settle_s = merged.ingest.settle_ms / 1000.0
+        if any(k.startswith("log.") for k in live):
+            configure_logging(merged.log.level, merged.log.format)
+        if any(k.startswith("metrics.") for k in live):
+            self.metrics.stop()
+            try:
+                self._start_metrics()
+            except WatcherError as exc:
+                log.error("metrics_restart_failed", error=str(exc))
+                self.metrics = metrics.NoMetrics()
+            if self.predictor is not None:
+                self.metrics.set_model(self.predictor.version)
+        if any(k.startswith("review.") for k in live):
+            page = merged.review_page
+            self.review = ReviewPage(page, merged, max_rows=merged.review.max_rows) if page else None
+        log.info("config_reloaded", changed=sorted(live), needs_restart=restart)
+
+    def _serving(self, predictor: Predictor) -> None:
+        """What goes with a newly served version: population, explainer, drift reference, metric label."""
+        self.metrics.set_model(predictor.version)
+        self._drift, self._drift_message = None, ""
+        try:
+            metrics_json = model_store.read_json(
+                self.cfg.model_store, predictor.version, model_store.METRICS_FILE
+            )
+        except ModelStoreError:
+            metrics_json = None
+        reference = drift.reference_from_metadata(predictor.metadata, metrics_json)
+        if reference is None:
+            log.warning(
+                "drift_monitor_off",
+                model_version=predictor.version,
+                reason="the version records no validation score distribution",
+            )
+        else:
+            self._drift = drift.DriftMonitor(reference)
+        try:
+            self._population = population_of(predictor.metadata)
+        except ValueError as exc:
+            log.error("intended_population_unreadable", model_version=predictor.version, error=str(exc))
+            self._population = population_of({})
+        self._explainer = None
+        if self.cfg.explain.enabled:
+            from watcher.explain import ExplainError, GradCam
+
+            try:
+                self._explainer = GradCam(predictor.model)
+            except ExplainError as exc:
+                log.error("heatmaps_unavailable", model_version=predictor.version, error=str(exc))
+
+    def _score(self, predictor: Predictor, good: list[Item]) -> tuple[list[Prediction], list[Any]]:
+        """Predictions for decoded items, with their Grad-CAM maps when heat maps are on."""
+        inputs = [i.model_input for i in good if i.model_input is not None]
+        if not inputs:
+            return [], []
+        batch = np.stack(inputs).astype(np.float32, copy=False)
+        if self._explainer is not None:
+            try:
+                raw, cams = self._explainer.predict_and_explain(batch)
+                probs = calibrate(raw, predictor.temperature, predictor.logit_shift)
+                preds = [Prediction(float(p), predictor.label_for(float(p))) for p in probs]
+                return preds, list(cams)
+            except Exception as exc:  # heat maps never fail a row
+                log.error("heatmap_failed", error=f"{type(exc).__name__}: {exc}", n_files=len(good))
+        return predictor.predict(inputs), [None] * len(inputs)
+
+    def _write_heatmap(self, item: Item, pred: Prediction, cam: Any, threshold: float) -> str:
+        """Write the file's overlay under explain.folder; returns its path for the row ('' if none)."""
+        if cam is None or item.thumb is None:
+            return ""
+        from watcher.explain import overlay_png, write_overlay
+
+        try:
+            root = self.cfg.explain.folder / pred.label
+            rel = PurePosixPath(str(item.rel) + ".png")
+            path = plan_destination(root, rel, item.sha256 or "0" * 8)
+            write_overlay(path, overlay_png(item.thumb, cam, pred.label, pred.probability, threshold))
+        except Exception as exc:  # never block or fail the row
+            log.error("heatmap_write_failed", file=str(item.rel), error=f"{type(exc).__name__}: {exc}")
+            return ""
+        base = self.cfg.source.parent if self.cfg.source is not None else Path.cwd()
+        return os.path.relpath(path, base)
 
     def _finish(self, items: list[Item]) -> None:
         predictor = self.predictor
@@ -439,22 +717,26 @@ class Service:
         fresh = [i for i in items if not i.known_destination]
         for item in fresh:  # decoded under an older model's spec: decode again (still claimed)
             if not item.error and item.spec != predictor.spec:
-                load_item(item, predictor.spec, self.cfg.decode.max_pixels, self.cfg.decode.max_file_mb << 20)
+                self._load(item, predictor.spec, self.cfg.decode.max_file_mb << 20)
         good = [i for i in fresh if not i.error]
-        inputs = [i.model_input for i in good if i.model_input is not None]
-        predictions = predictor.predict(inputs)
+        predictions, cams = self._score(predictor, good)
         infer_ms = (time.monotonic() - t0) * 1000
+        scored = {id(i): (p, c) for i, p, c in zip(good, predictions, cams, strict=True)}
         rows: list[ResultRow] = []
         moves: list[tuple[Item, Path]] = []
-        by_item = dict(zip((id(i) for i in good), predictions, strict=True))
+        n_warnings = 0
         for item in fresh:
-            pred = by_item.get(id(item))
-            root = self.cfg.processed / pred.label if pred else self.cfg.failed
+            now = datetime.now(timezone.utc)
+            pred, cam = scored.get(id(item), (None, None))
+            base = self.cfg.processed if pred else self.cfg.failed
+            root = destination_root(base, pred.label if pred else None, self.cfg.filing.layout, now)
             dest = plan_destination(root, item.rel, item.sha256 or "0" * 8)
             h, w = (str(item.height), str(item.width)) if item.height else ("", "")
+            warning = population_warning(item.age_years, item.age_text, self._population) if pred else ""
+            n_warnings += bool(warning)
             rows.append(
                 ResultRow(
-                    processed_at=utc_now(),
+                    processed_at=format_utc(now),
                     file=str(item.rel),
                     sha256=item.sha256,
                     status="ok" if pred else "failed",
@@ -469,10 +751,16 @@ class Service:
                     bytes=str(item.size),
                     instance=self.cfg.instance_id,
                     claim=item.claim_dir.name if item.claim_dir else "",
+                    study_instance_uid=item.study_instance_uid,
+                    series_instance_uid=item.series_instance_uid,
+                    sop_instance_uid=item.sop_instance_uid,
+                    warning=warning,
+                    heatmap=self._write_heatmap(item, pred, cam, predictor.threshold) if pred else "",
                 )
             )
             moves.append((item, dest))
             item.model_input = None  # free memory early
+            item.thumb = None
         for item in items:
             if item.known_destination:
                 moves.append((item, Path(item.known_destination)))
@@ -480,15 +768,34 @@ class Service:
         failpoints.hit("rows_written")
         self._place_all(moves)
         n_ok = sum(1 for r in rows if r.status == "ok")
+        self._last_batch_at = time.time()
+        self.metrics.observe_batch(
+            n_ok,
+            len(rows) - n_ok,
+            time.monotonic() - t0,
+            infer_ms / 1000 / max(1, len(good)),
+            [i.decode_s for i in fresh],
+        )
         self.counts["ok"] += n_ok
         self.counts["failed"] += len(rows) - n_ok
         self.counts["batches"] += 1
+        self.counts["warnings"] += n_warnings
+        if self.review is not None:
+            self.review.add(rows)
+            self.review.maybe_write(predictor)
+        if self._drift is not None and predictions:
+            report = self._drift.update(np.array([p.probability for p in predictions]))
+            if report is not None:
+                fields = report.to_fields()
+                self._drift_message = str(fields.get("message", "score drift"))
+                log.warning("score_drift", model_version=predictor.version, **fields)
         log.info(
             "batch_done",
             n_files=len(items),
             n_ok=n_ok,
             n_failed=len(rows) - n_ok,
             n_refiled=len(items) - len(fresh),
+            n_population_warnings=n_warnings,
             infer_ms=round(infer_ms, 1),
             total_ms=round((time.monotonic() - t0) * 1000, 1),
             model_version=predictor.version,

@@ -1,0 +1,89 @@
+"""Does the fast (DCT-scaled) JPEG decode change answers? Probabilities of both decodes, side by side.
+
+Usage (from the repo root; reads ../shared, never used by the tests):
+
+    .venv/bin/python benchmarks/decode_fidelity.py [--store model_store] [--version V]
+
+For the 80 full-resolution originals (``../shared/data/fullres``) and for the validation split
+the model version was chosen on (its ``training.split`` in metadata.json, rebuilt with
+``watcher.splits``), every file is decoded twice: in full, and DCT-scaled to no less than twice
+the model input (what the daemon does). Prints the largest and mean probability difference,
+how many labels change, and the validation metrics of both decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from watcher.imaging import decode, input_floor, preprocess
+from watcher.inference import Predictor
+
+
+def probabilities(predictor: Predictor, files: list[Path], fast: bool) -> np.ndarray:
+    floor = input_floor(predictor.spec) if fast else (0, 0)
+    out = []
+    for i in range(0, len(files), 64):
+        batch = [
+            preprocess(decode(p.read_bytes(), min_size=floor).image, predictor.spec)
+            for p in files[i : i + 64]
+        ]
+        out.append(predictor.probabilities(np.stack(batch)))
+    return np.concatenate(out)
+
+
+def report(name: str, predictor: Predictor, files: list[Path], labels: np.ndarray | None) -> None:
+    full = probabilities(predictor, files, fast=False)
+    fast = probabilities(predictor, files, fast=True)
+    diff = np.abs(full - fast)
+    flips = int(np.sum((full >= predictor.threshold) != (fast >= predictor.threshold)))
+    print(
+        f"{name}: {len(files)} files; |p_fast - p_full| max {diff.max():.4f}, mean {diff.mean():.5f}; "
+        f"labels changed: {flips}"
+    )
+    if labels is not None:
+        for tag, p in (("full decode", full), ("fast decode", fast)):
+            called = p >= predictor.threshold
+            sens = float(np.mean(called[labels == 1]))
+            spec = float(np.mean(~called[labels == 0]))
+            acc = float(np.mean(called == (labels == 1)))
+            print(f"  {tag}: accuracy {acc:.4f}, sensitivity {sens:.4f}, specificity {spec:.4f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, default=Path("model_store"))
+    ap.add_argument("--version")
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    args = ap.parse_args()
+    predictor = Predictor(args.store.resolve(), args.version)
+    print(
+        f"model {predictor.version}, input {predictor.spec.height}x{predictor.spec.width}, "
+        f"fast decode floor {input_floor(predictor.spec)}"
+    )
+    fullres = sorted((args.data / "fullres").rglob("*.jpeg"))
+    report("full-resolution originals", predictor, fullres, None)
+
+    from watcher.splits import list_samples, split_samples
+
+    split = predictor.metadata.get("training", {}).get("split", {})
+    samples = list_samples(args.data / "chest_xray" / "train")
+    sp = split_samples(
+        samples, split.get("method", "era"), split.get("val_fraction", 0.2), split.get("seed", 1337)
+    )
+    val = [samples[i] for i in sp.val_idx]
+    report(
+        f"validation ({sp.method} split)", predictor, [s.path for s in val], np.array([s.label for s in val])
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
