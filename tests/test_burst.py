@@ -199,10 +199,10 @@ class TestMissedEvents:
         """An event whose handling raises is logged; the same observer goes on reporting files."""
         real_notice = Ingest.notice
 
-        def notice(self: Ingest, path: Path, closed: bool = False) -> None:
+        def notice(self: Ingest, path: Path, closed: bool = False, complete: bool = False) -> None:
             if path.name.startswith("boom"):
                 raise RuntimeError(f"simulated failure while handling {path.name}")
-            real_notice(self, path, closed)
+            real_notice(self, path, closed, complete)
 
         monkeypatch.setattr(Ingest, "notice", notice)
         with capture_logs() as logs:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 
-from tests.conftest import TRAIN_FIXTURES, fixture_images, publish_tiny
+from tests.conftest import FULLRES, TRAIN_FIXTURES, fixture_images, publish_tiny
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -44,6 +45,20 @@ class TestPredict:
         assert 0.0 <= float(rows[0]["probability"]) <= 1.0
         assert "the file is text, not an image" in rows[1]["error"]
         assert good.exists() and bad.exists()
+
+
+    def test_heatmaps_written_beside_the_rows(self, tmp_path: Path) -> None:
+        """predict --heatmaps DIR with the shipped model writes one decodable overlay per scored file."""
+        repo_store = Path(__file__).parents[1] / "model_store"
+        files = [FULLRES[0], fixture_images()[-1]]
+        out = tmp_path / "maps"
+        proc = cli("predict", "--store", str(repo_store), "--heatmaps", str(out), *map(str, files))
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+        written = sorted(out.rglob("*.png"))
+        assert sorted(out / r["label"] / (Path(r["file"]).name + ".png") for r in rows) == written
+        for png in written:
+            assert cv2.imread(str(png), cv2.IMREAD_COLOR) is not None
 
 
 class TestModels:

@@ -75,3 +75,41 @@ class TestSwapBetweenDecodeAndInference:
         assert {("224", "224")} == {(r["width"], r["height"]) for r in rows}
         assert all(Path(r["destination"]).is_file() for r in rows)
         assert not claim.exists()
+
+
+class TestConfigReload:
+    def test_sighup_rereads_config_live_keys_change_others_wait_bad_config_kept(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """SIGHUP: batch size and log level change live, instance_id is named as needing a restart,
+        a broken config.yaml keeps the running one with one error event; files keep flowing."""
+        import signal
+
+        import yaml
+
+        from tests.harness import Daemon, png_bytes, wait_for
+
+        cfg = make_config(ingest={"settle_ms": 100})
+        assert cfg.source is not None
+        raw = yaml.safe_load(cfg.source.read_text())
+        d = Daemon(cfg)
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to watch")
+            raw["batch"]["max_size"] = 7
+            raw["log"]["level"] = "debug"
+            raw["instance_id"] = "another"
+            cfg.source.write_text(yaml.safe_dump(raw))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(d.events("config_reloaded")), 30, "config_reloaded")
+            (event,) = d.events("config_reloaded")
+            assert ["batch.max_size", "log.level"] == event["changed"]
+            assert ["instance_id"] == event["needs_restart"]
+            cfg.source.write_text("batch: [not, a, mapping\n")
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(d.events("config_reload_failed")), 30, "config_reload_failed")
+            (cfg.inbox / "after.png").write_bytes(png_bytes(5))
+            wait_for(lambda: bool(d.events("batch_done")), 30, "a batch after the failed reload")
+        finally:
+            assert 0 == d.stop()
+        assert d.proc.returncode == 0
+        assert any(e.get("level") == "debug" for e in d.lines), "log.level: debug did not apply"

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import fixture_images
+from tests.harness import read_csv_both, run_once
+from watcher.config import Config
 from watcher.review import count_rows, newest_first, relative_href, render_page, safe_href, write_page
 
 HOSTILE = "<script>alert(1)</script>\"'é.png"
+HOSTILE_NAME = "<script>alert(1)<script>\"'é 胸部.png"  # the same, as a file name (no slash)
 MODEL = {
     "version": "v0002",
     "threshold": 0.5784,
@@ -360,3 +364,49 @@ class TestInBrowser:
         assert (2000, 1280, 3) == img.shape
         assert float(np.std(img)) > 10  # not a blank page
         assert [] == console_lines(done.stderr)
+
+
+@needs_chromium
+class TestLiveDaemon:
+    def test_page_of_a_live_daemon_run_in_chromium(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """run --once with heat maps on the fixtures: the daemon's own page shows a card and a loading
+        heat map per file, filters, no console errors, the hostile name as text; a screenshot is kept."""
+        root = tmp_path / "svc"
+        root.mkdir()
+        shutil.copytree(Path(__file__).parents[1] / "model_store", root / "model_store")
+        cfg = make_config(explain={"enabled": True}, review={"interval_s": 0.1})
+        files = fixture_images()[::3]
+        names = [HOSTILE_NAME if i == 0 else p.name for i, p in enumerate(files)]
+        for name, p in zip(names, files, strict=True):
+            (cfg.inbox / name).write_bytes(p.read_bytes())
+        (cfg.inbox / "broken.jpeg").write_bytes(files[0].read_bytes()[:500])
+        proc = run_once(cfg)
+        assert 0 == proc.returncode, proc.stderr[-3000:]
+        rows = read_csv_both(cfg.results)
+        assert len(files) + 1 == len(rows)
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert all(r["heatmap"] and (cfg.source.parent / r["heatmap"]).is_file() for r in ok)  # type: ignore[union-attr]
+        page = cfg.results.parent / "review.html"
+        probe = page.read_text(encoding="utf-8")
+        probe = probe.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-t3st';", 1)
+        probe = probe.replace("</head>", HARNESS + "</head>", 1)
+        (page.parent / "probe.html").write_text(probe, encoding="utf-8")
+        done = chromium((page.parent / "probe.html").as_uri(), tmp_path / "profile", "--dump-dom")
+        found = re.search(r'<pre id="harness">(.*?)</pre>', done.stdout, re.S)
+        assert found, f"harness did not report; stderr: {done.stderr[-2000:]}"
+        import html as html_mod
+
+        result = json.loads(html_mod.unescape(found.group(1)))
+        labels = [r["label"] for r in ok]
+        assert {"#all": len(rows), "#pneumonia": labels.count("PNEUMONIA"), "#normal": labels.count("NORMAL"),
+                "#failed": 1, "#warnings": 0} == result["filters"]  # fmt: skip
+        assert len(ok) == len(result["images"])
+        assert all(w > 0 for w in result["images"]), result["images"]
+        assert [] == result["errors"]
+        assert HOSTILE_NAME in result["files"]
+        assert [] == console_lines(done.stderr)
+        shot = tmp_path / "review-live.png"
+        chromium(page.as_uri(), tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1280,1600")
+        assert (1600, 1280, 3) == cv2.imread(str(shot), cv2.IMREAD_COLOR).shape

@@ -1,4 +1,4 @@
-"""Command line: ``xray-watcher run|predict|evaluate|train|models|check``.
+"""The xray-watcher command line: the daemon, the listener, the model store and the tools around them.
 
 Exit codes: 0 success, 1 a runtime failure (no usable model, store or results file),
 2 a usage or configuration error.
@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import structlog
 
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(pred)
     pred.add_argument("--store", type=Path, help="model store (default: from the config)")
     pred.add_argument("--model-version", help="a published version (default: current)")
+    pred.add_argument(
+        "--heatmaps", type=Path, metavar="DIR", help="also write Grad-CAM overlays to DIR/<LABEL>/<file>.png"
+    )
     pred.add_argument("files", nargs="+", type=Path)
 
     ev = sub.add_parser("evaluate", help="metrics of a model on a folder with NORMAL/ and PNEUMONIA/")
@@ -124,6 +128,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor(_store_from(args), args.model_version)
     limits = DecodeConfig()  # the daemon's default decode limits
+    explainer = None
+    if args.heatmaps is not None:
+        from watcher.explain import GradCam
+
+        explainer = GradCam(predictor.model)
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(
         ["file", "sha256", "status", "label", "probability", "threshold", "model_version", "error"]
@@ -135,6 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             predictor.spec,
             max_pixels=limits.max_pixels,
             max_bytes=limits.max_file_mb << 20,
+            keep_thumbnail=explainer is not None,
         )
         if item.error or item.model_input is None:
             failed += 1
@@ -151,7 +161,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 ]
             )
             continue
-        (pred,) = predictor.predict([item.model_input])
+        if explainer is not None:
+            pred = _predict_with_heatmap(predictor, explainer, item, args.heatmaps)
+        else:
+            (pred,) = predictor.predict([item.model_input])
         writer.writerow(
             [
                 str(path),
@@ -165,6 +178,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ]
         )
     return 1 if failed else 0
+
+
+def _predict_with_heatmap(predictor: Any, explainer: Any, item: Any, folder: Path) -> Any:
+    """Score one preprocessed file and write its Grad-CAM overlay under ``folder/<LABEL>/``."""
+    import numpy as np
+
+    from watcher.explain import overlay_png, write_overlay
+    from watcher.filing import plan_destination
+    from watcher.inference import Prediction, calibrate
+
+    raw, cams = explainer.predict_and_explain(item.model_input[np.newaxis])
+    p = float(calibrate(raw, predictor.temperature, predictor.logit_shift)[0])
+    pred = Prediction(p, predictor.label_for(p))
+    dest = plan_destination(folder / pred.label, PurePosixPath(item.path.name + ".png"), item.sha256)
+    write_overlay(dest, overlay_png(item.thumb, cams[0], pred.label, p, predictor.threshold))
+    return pred
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

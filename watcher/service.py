@@ -488,7 +488,9 @@ class Service:
         assert self.predictor is not None
         spec = self.predictor.spec
         todo = [i for i in items if not i.known_destination]
+        t0 = time.monotonic()
         list(pool.map(lambda i: self._load(i, spec, max_bytes), todo))
+        log.debug("batch_decoded", n_files=len(todo), decode_ms=round((time.monotonic() - t0) * 1000, 1))
         self._decoded.put(items)
 
     def _load(self, item: Item, spec: PreprocessSpec, max_bytes: int) -> Item:
