@@ -73,12 +73,13 @@ def main() -> int:
 
     from watcher.splits import list_samples, split_samples
 
-    split = predictor.metadata.get("training", {}).get("split", {})
+    training = predictor.metadata.get("training") or predictor.metadata.get("weights", {}).get("training", {})
+    split = training.get("split", {})  # a recalibrated version keeps its weights' training record
     samples = list_samples(args.data / "chest_xray" / "train")
     sp = split_samples(
         samples, split.get("method", "era"), split.get("val_fraction", 0.2), split.get("seed", 1337)
     )
-    val = [samples[i] for i in sp.val_idx]
+    val = [samples[i] for i in sp.val]
     report(
         f"validation ({sp.method} split)", predictor, [s.path for s in val], np.array([s.label for s in val])
     )

@@ -27,12 +27,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = [  # first match wins, innermost frame first
-    ("decode JPEG (cv2.imdecode)", ("imdecode",)),
-    ("resize + CLAHE (preprocess)", ("resize (", "equalize (", "scale_to_unit")),
+STAGES = [  # first match wins; each key is looked for in every frame of a sample's stack
+    ("imports and start-up", ("importlib", "_find_and_load")),
+    ("decode JPEG", ("_decode_raster", "_decode_reduced_jpeg", "imdecode")),
+    ("resize + CLAHE (preprocess)", ("resize (", "equalize (", "scale_to_unit", "thumbnail (")),
     ("sha256", ("hexdigest", "sha256")),
     ("read file", ("read_file (",)),
-    ("inference (TensorFlow)", ("tensorflow", "keras")),
+    ("inference (TensorFlow)", ("tensorflow", "keras", "raw_probabilities", "predict_and_explain")),
+    ("heat map overlay + PNG", ("overlay_png", "write_overlay")),
     ("results.csv", ("report.py",)),
     ("claim / link / fsync / unlink", ("_claim", "_place_all", "_link", "fsync", "_sync_claims")),
     ("ingest (scan, settle)", ("ingest.py",)),
@@ -107,7 +109,7 @@ def main() -> int:
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
         leaf = frames[-1]
-        if any(k in leaf for k in IDLE):
+        if any(k in leaf for k in IDLE) or leaf.startswith("thread ("):
             continue
         count = int(n)
         total += count
@@ -117,7 +119,7 @@ def main() -> int:
                 stage_count[name] += count
                 break
         else:
-            stage_count["other (imports, start-up, Python)"] += count
+            stage_count["other Python"] += count
     print(
         f"{len(originals) * args.copies} files, run --once {wall:.1f} s (py-spy, start-up included)"
     )

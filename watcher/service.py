@@ -153,7 +153,7 @@ def read_file(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-THUMB_SIDE = 384  # longest side of the radiograph kept for a heat map overlay
+THUMB_SIDE = 256  # longest side of the radiograph kept for a heat map overlay (PNG cost ~ pixels)
 
 
 def thumbnail(image: GreyImage, side: int = THUMB_SIDE) -> GreyImage:
@@ -243,6 +243,7 @@ class Service:
         self.predictor = predictor
         self._explainer: Any = None  # a GradCam of the serving model when explain.enabled
         self._drift: drift.DriftMonitor | None = None
+        self._heatmap_pool = ThreadPoolExecutor(max(1, cfg.decode.workers), thread_name_prefix="heatmap")
         self._drift_message = ""
         self._population: dict[str, Any] = {}
         page = cfg.review_page
@@ -339,6 +340,7 @@ class Service:
             self.results.close()
             self.metrics.stop()
             self._status.remove()
+            self._heatmap_pool.shutdown(wait=True)
             self._lock.release()
         log.info(
             "stopped",
@@ -676,6 +678,8 @@ class Service:
 
             try:
                 self._explainer = GradCam(predictor.model)
+                spec = predictor.spec
+                self._explainer.predict_and_explain(np.zeros((1, spec.height, spec.width, 1), np.float32))
             except ExplainError as exc:
                 log.error("heatmaps_unavailable", model_version=predictor.version, error=str(exc))
 
@@ -705,7 +709,8 @@ class Service:
             root = self.cfg.explain.folder / pred.label
             rel = PurePosixPath(str(item.rel) + ".png")
             path = plan_destination(root, rel, item.sha256 or "0" * 8)
-            write_overlay(path, overlay_png(item.thumb, cam, pred.label, pred.probability, threshold))
+            png = overlay_png(item.thumb, cam, pred.label, pred.probability, threshold)
+            write_overlay(path, png, durable=False)
         except Exception as exc:  # never block or fail the row
             log.error("heatmap_write_failed", file=str(item.rel), error=f"{type(exc).__name__}: {exc}")
             return ""
@@ -723,13 +728,19 @@ class Service:
         good = [i for i in fresh if not i.error]
         predictions, cams = self._score(predictor, good)
         infer_ms = (time.monotonic() - t0) * 1000
-        scored = {id(i): (p, c) for i, p, c in zip(good, predictions, cams, strict=True)}
+        scored = {id(i): p for i, p in zip(good, predictions, strict=True)}
+        heatmaps: dict[int, str] = {}
+        jobs = [(i, p, c) for i, p, c in zip(good, predictions, cams, strict=True) if c is not None]
+        if jobs:  # overlays drawn and written in parallel (cv2 releases the GIL)
+            thr = predictor.threshold
+            paths = self._heatmap_pool.map(lambda j: self._write_heatmap(j[0], j[1], j[2], thr), jobs)
+            heatmaps = {id(j[0]): path for j, path in zip(jobs, paths, strict=True)}
         rows: list[ResultRow] = []
         moves: list[tuple[Item, Path]] = []
         n_warnings = 0
         for item in fresh:
             now = datetime.now(timezone.utc)
-            pred, cam = scored.get(id(item), (None, None))
+            pred = scored.get(id(item))
             base = self.cfg.processed if pred else self.cfg.failed
             root = destination_root(base, pred.label if pred else None, self.cfg.filing.layout, now)
             dest = plan_destination(root, item.rel, item.sha256 or "0" * 8)
@@ -757,7 +768,7 @@ class Service:
                     series_instance_uid=item.series_instance_uid,
                     sop_instance_uid=item.sop_instance_uid,
                     warning=warning,
-                    heatmap=self._write_heatmap(item, pred, cam, predictor.threshold) if pred else "",
+                    heatmap=heatmaps.get(id(item), ""),
                 )
             )
             moves.append((item, dest))
