@@ -85,3 +85,23 @@ class TestReport:
         (row2,) = read_csv_both(cfg2.results)
         assert "ok" == row2["status"], row2["error"]
         assert uid.UID(row2["sop_instance_uid"]).is_valid
+
+
+class TestBackfill:
+    def test_backfill_rows_carry_uids_and_the_warning_too(self, make_config: Callable[..., Config]) -> None:
+        """The archive path gives a DICOM the same UIDs and population warning as the daemon."""
+        import pandas as pd
+
+        from watcher.backfill import backfill
+
+        cfg = make_config()
+        archive = cfg.inbox.parent / "archive"
+        archive.mkdir()
+        adult, *ids = dicom("058Y")
+        (archive / "ADULT0001").write_bytes(adult)
+        out = cfg.inbox.parent / "out"
+        backfill(archive, out, engine="local", store=cfg.model_store, batch_size=4)
+        (row,) = pd.read_parquet(out).to_dict("records")
+        assert "ok" == row["status"]
+        assert ids == [row["study_instance_uid"], row["series_instance_uid"], row["sop_instance_uid"]]
+        assert row["warning"].startswith("patient age 58Y is outside")

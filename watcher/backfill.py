@@ -61,6 +61,7 @@ import structlog
 
 from watcher import failpoints, model_store
 from watcher.config import DecodeConfig, IngestConfig, load_config
+from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, WatcherError
 from watcher.fsutil import fsync_dir
 from watcher.imaging import PreprocessSpec
@@ -89,7 +90,7 @@ Batch = dict[str, npt.NDArray[Any]]
 _BUILT = frozenset(
     {
         "processed_at", "file", "path", "sha256", "status", "label", "probability", "threshold",
-        "model_version", "error", "width", "height", "bytes", "instance",
+        "model_version", "error", "width", "height", "bytes", "instance", "warning",
     }
 )  # fmt: skip
 
@@ -152,7 +153,19 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
     carried = _item_columns()
     blank = np.zeros((pspec.height, pspec.width, 1), dtype=np.float32)
     out: dict[str, list[Any]] = {
-        k: [] for k in ("path", "sha256", "bytes", "width", "height", "error", "skip", *carried)
+        k: []
+        for k in (
+            "path",
+            "sha256",
+            "bytes",
+            "width",
+            "height",
+            "error",
+            "skip",
+            "age_years",
+            "age_text",
+            *carried,
+        )
     }
     inputs: list[npt.NDArray[np.float32]] = []
     for rel, seen, expect in zip(batch["path"], batch["seen"], batch["expect"], strict=True):
@@ -171,6 +184,8 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
         out["height"].append(item.height)
         out["error"].append(item.error)
         out["skip"].append(skip)
+        out["age_years"].append(np.nan if item.age_years is None else float(item.age_years))
+        out["age_text"].append(item.age_text)
         for col in carried:
             out[col].append(_text(getattr(item, col)))
         model_input = item.model_input if item.model_input is not None and not skip else blank
@@ -179,6 +194,7 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
     for k in ("bytes", "width", "height"):
         result[k] = np.asarray(out[k], dtype=np.int64)
     result["skip"] = np.asarray(out["skip"], dtype=bool)
+    result["age_years"] = np.asarray(out["age_years"], dtype=np.float64)
     result["model_input"] = np.stack(inputs) if inputs else np.zeros((0, *blank.shape), np.float32)
     return result
 
@@ -192,6 +208,7 @@ def score_batch(predictor: Predictor, batch: Batch, instance: str) -> pa.Table:
     columns = output_columns()
     values: dict[str, list[str]] = {c: [] for c in columns}
     threshold = f"{predictor.threshold:.6f}"
+    population = population_of(predictor.metadata)
     for i in keep:
         pred = by_row.get(i)
         rel = str(batch["path"][i])
@@ -211,10 +228,19 @@ def score_batch(predictor: Predictor, batch: Batch, instance: str) -> pa.Table:
             "height": str(height) if height else "",
             "bytes": str(int(batch["bytes"][i])),
             "instance": instance,
+            "warning": _warning(batch, i, population) if pred else "",
         }
         for col in columns:
             values[col].append(row[col] if col in row else _text(batch[col][i]) if col in batch else "")
     return pa.table(values, schema=output_schema())
+
+
+def _warning(batch: Batch, i: int, population: dict[str, Any]) -> str:
+    """The daemon's intended-population warning for row ``i`` (DICOM age outside the population)."""
+    if "age_years" not in batch:
+        return ""
+    age = float(batch["age_years"][i])
+    return population_warning(None if np.isnan(age) else age, str(batch["age_text"][i]), population)
 
 
 class PredictBatch:
