@@ -46,7 +46,6 @@ class TestPredict:
         assert "the file is text, not an image" in rows[1]["error"]
         assert good.exists() and bad.exists()
 
-
     def test_heatmaps_written_beside_the_rows(self, tmp_path: Path) -> None:
         """predict --heatmaps DIR with the shipped model writes one decodable overlay per scored file."""
         repo_store = Path(__file__).parents[1] / "model_store"
@@ -103,3 +102,21 @@ class TestEvaluate:
         assert (tmp_path / "rep" / "metrics.json").is_file()
         assert list((tmp_path / "rep").glob("*.png"))
         assert str(n) in flat
+
+
+class TestQuietStartUp:
+    def test_no_tensorflow_noise_unless_debug(self, store: Path, tmp_path: Path) -> None:
+        """predict prints its CSV and nothing of TensorFlow's C++ start-up (CUDA probes, oneDNN, absl)."""
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "watcher", "predict", "--store", str(store), str(fixture_images()[0])],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        for noise in ("cuInit", "oneDNN", "absl::InitializeLog", "cuda_drivers", "I0000", "E0000"):
+            assert noise not in proc.stderr + proc.stdout, noise

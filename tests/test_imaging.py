@@ -199,3 +199,64 @@ class TestPreprocess:
         assert (size, size + 3, 1) == out.shape
         assert np.float32 == out.dtype
         assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+class TestFastJpegDecode:
+    """DCT-scaled decoding (what the daemon does): never below the floor, same answers, clean fallbacks."""
+
+    SPEC = PreprocessSpec(height=128, width=128, equalize="clahe")
+
+    @given(st.integers(1, 6000), st.integers(1, 6000), st.integers(1, 600), st.integers(1, 600))
+    def test_reduction_never_goes_below_the_floor(self, w: int, h: int, min_w: int, min_h: int) -> None:
+        """The chosen factor keeps ceil(w/r) >= min_w and ceil(h/r) >= min_h, or is 1."""
+        from watcher.imaging import jpeg_reduction
+
+        r = jpeg_reduction(w, h, min_w, min_h)
+        assert r in (1, 2, 4, 8)
+        if r > 1:
+            assert -(-w // r) >= min_w and -(-h // r) >= min_h
+            if r < 8:  # the next factor would have gone below the floor
+                assert -(-w // (2 * r)) < min_w or -(-h // (2 * r)) < min_h
+
+    @pytest.mark.parametrize("size", [(2000, 1500), (1001, 777), (513, 2047), (300, 280)])
+    @pytest.mark.parametrize("progressive", [False, True])
+    def test_scaled_decode_of_odd_and_progressive_jpegs(
+        self, size: tuple[int, int], progressive: bool
+    ) -> None:
+        """Odd sizes and progressive JPEGs decode scaled (at least twice the input) or in full, the
+        declared size is the file's, and the model input stays close to the full decode's."""
+        from watcher.imaging import decode, input_floor
+
+        w, h = size
+        img = cv2.resize(
+            cv2.imread(str(FULLRES[0]), cv2.IMREAD_GRAYSCALE), (w, h), interpolation=cv2.INTER_AREA
+        )
+        ok, buf = cv2.imencode(
+            ".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+        )
+        assert ok
+        floor = input_floor(self.SPEC)
+        fast = decode(buf.tobytes(), min_size=floor)
+        full = decode(buf.tobytes())
+        assert (w, h) == (fast.width, fast.height) == (full.width, full.height)
+        assert fast.image.shape[0] >= min(h, floor[0]) and fast.image.shape[1] >= min(w, floor[1])
+        diff = np.abs(preprocess(fast.image, self.SPEC) - preprocess(full.image, self.SPEC))
+        assert float(diff.mean()) < 0.02
+
+    def test_twelve_bit_jpeg_falls_back_to_libjpeg(self) -> None:
+        """A 12-bit (extended process) JPEG, which OpenCV cannot read, decodes in full via pylibjpeg."""
+        import pydicom
+        from pydicom.data import get_testdata_file
+        from pydicom.encaps import generate_frames
+
+        from watcher.imaging import decode
+
+        ds = pydicom.dcmread(get_testdata_file("JPGExtended.dcm"))
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        from watcher.imaging import _jpeg_frame
+
+        assert (256, 1024, 12) == _jpeg_frame(frame)
+        got = decode(frame, min_size=(256, 256))
+        assert (1024, 256) == got.image.shape and np.uint8 == got.image.dtype
+        assert (256, 1024) == (got.width, got.height)
+        assert got.image.max() > got.image.min()

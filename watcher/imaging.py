@@ -77,6 +77,12 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
+    width, height, _ = _jpeg_frame(data)
+    return width, height
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int]:
+    """Width, height and sample precision (bits: 8, or 12/16 for extended/lossless JPEG)."""
     pos = 2
     n = len(data)
     while pos + 4 <= n:
@@ -94,7 +100,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             if pos + 9 > n:
                 break
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return width, height
+            return width, height, data[pos + 4]
         if marker == 0xDA:  # start of scan before any frame header
             break
         pos += 2 + length
@@ -159,6 +165,19 @@ def _decode_reduced_jpeg(buf: npt.NDArray[np.uint8], width: int, height: int, r:
     return np.ascontiguousarray(img)
 
 
+def _decode_deep_jpeg(data: bytes, precision: int) -> GreyImage:
+    """A 12- or 16-bit JPEG (extended or lossless process) through pylibjpeg's libjpeg, full size."""
+    try:
+        from pylibjpeg import decode as libjpeg_decode  # type: ignore[attr-defined]
+
+        arr = np.asarray(libjpeg_decode(data))
+    except Exception as exc:  # the plugin raises several types for bad streams
+        raise DecodeError(f"{precision}-bit JPEG data could not be decoded: {exc}") from exc
+    if arr.ndim == 3:
+        arr = arr[:, :, 0] if arr.shape[2] in (1, 2) else cv2.cvtColor(to_uint8(arr), cv2.COLOR_RGB2GRAY)
+    return to_uint8(arr) if arr.dtype != np.uint8 else np.ascontiguousarray(arr)
+
+
 def _decode_raster(
     data: bytes, fmt: str, max_pixels: int, min_size: tuple[int, int] = (0, 0)
 ) -> tuple[GreyImage, int, int]:
@@ -167,10 +186,16 @@ def _decode_raster(
     ``min_size`` (height, width): a JPEG may be decoded DCT-scaled as long as the result keeps
     at least this size (the service asks for twice the model input on each side).
     """
-    width, height = _png_size(data) if fmt == "png" else _jpeg_size(data)
+    precision = 8
+    if fmt == "png":
+        width, height = _png_size(data)
+    else:
+        width, height, precision = _jpeg_frame(data)
     _check_pixels(width, height, max_pixels)
     _check_complete(fmt, data)
     buf = np.frombuffer(data, dtype=np.uint8)
+    if fmt == "jpeg" and precision > 8:  # 12/16-bit JPEG: OpenCV's libjpeg is 8-bit only
+        return _decode_deep_jpeg(data, precision), width, height
     if fmt == "jpeg" and min_size[0] > 0 and min_size[1] > 0:
         r = jpeg_reduction(width, height, min_size[1], min_size[0])
         if r > 1:

@@ -55,8 +55,9 @@ def import_tensorflow() -> None:
 
     TensorFlow 2.16+ logs through absl before any logging is set up ("All log messages before
     absl::InitializeLog() ...", its CUDA probes, the oneDNN notice), which no environment
-    variable silences; they are all printed while the library loads. So stderr (fd 2) points at
-    /dev/null for the import only; a failed import still raises with its Python traceback.
+    variable silences; they are printed while the library loads and when it first looks for
+    devices. So stderr (fd 2) points at /dev/null for the import and that first device query
+    only; a failed import still raises with its Python traceback.
     """
     if not _quiet_import or "tensorflow" in sys.modules:
         import keras
@@ -72,7 +73,9 @@ def import_tensorflow() -> None:
         finally:
             os.close(devnull)
         import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        tensorflow.config.list_physical_devices()  # the CUDA probe logs "failed call to cuInit" here
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -36,7 +36,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from watcher import calibration, drift, evaluation, model_store
+from watcher import __version__, calibration, drift, evaluation, model_store
+from watcher.dicom import population_of
 from watcher.errors import DecodeError, EvaluationError, WatcherError
 from watcher.imaging import decode_bytes, preprocess
 from watcher.splits import CLASS_NAMES, list_samples, patient_key
@@ -46,10 +47,6 @@ log = structlog.get_logger()
 MIN_PER_CLASS = 20
 RECOMMENDED_TOTAL = (50, 500)
 DEFAULT_FOLDS = 5
-DEFAULT_POPULATION = (
-    "chest X-rays of children aged 1-5 (Guangzhou Women and Children's Medical Center, "
-    "Kermany et al. 2018), the population the weights were trained on"
-)
 
 
 def _score(predictor: Any, inputs: npt.NDArray[np.float32], batch: int = 32) -> npt.NDArray[np.float64]:
@@ -291,7 +288,8 @@ def calibrate_site(
                 "temperature": cal.temperature,
                 "logit_shift": cal.logit_shift,
                 "calibration": cal_dict,
-                "intended_population": base_meta.get("intended_population", DEFAULT_POPULATION),
+                "intended_population": population_of(base_meta),
+                "trainer_version": __version__,
                 "site_calibration": {
                     "data": str(data.resolve()),
                     "images": counts,

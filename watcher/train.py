@@ -57,8 +57,9 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from watcher import architectures, calibration, drift, evaluation, model_store
+from watcher import __version__, architectures, calibration, drift, evaluation, model_store
 from watcher.augment import PROBES, AugmentOptions, augment_grey
+from watcher.dicom import DEFAULT_POPULATION
 from watcher.errors import DecodeError, ModelStoreError, TrainingError
 from watcher.imaging import GreyImage, PreprocessSpec, decode_image, preprocess
 from watcher.splits import CLASS_NAMES, Sample, count_by_class, list_samples, split_samples
@@ -471,6 +472,8 @@ def train(opts: TrainOptions) -> str:
             "logit_shift": logit_shift,
             "calibration": cal.to_dict(),
             "validation_reference": report["validation_reference"],
+            "intended_population": dict(DEFAULT_POPULATION),  # what the training data holds
+            "trainer_version": __version__,
             "architecture": opts.arch,
             "architecture_description": arch_def.description,
             "input_shape": [spec.height, spec.width, 1],
