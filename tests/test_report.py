@@ -324,3 +324,20 @@ class TestDiskReport:
         assert message is not None
         assert str(tmp_path) in message and "MB free" in message and f"({huge:,} MB)" in message
         assert low_disk_warning(tmp_path / "r.csv", tmp_path, tmp_path, 0) is None
+
+
+class TestTailRows:
+    @pytest.mark.parametrize("block", [3, 64, 1 << 16])
+    def test_last_rows_only_with_odd_names_and_a_torn_tail(self, tmp_path: Path, block: int) -> None:
+        """tail_rows gives the last n whole rows, oldest first, whatever the names hold."""
+        path = tmp_path / "results.csv"
+        writer = ResultsWriter(path, ReportConfig(rotate="never")).open()
+        names = [f'x{i}, "q"\n\r\n"2026 {i}.png' for i in range(30)]
+        writer.append([row(n) for n in names])
+        writer.close()
+        with open(path, "ab") as fh:
+            fh.write(b'"2026-11-25T00:00:00.000Z","torn')
+        with patch.object(report, "_BLOCK", block):
+            got = report.tail_rows(path, 7)
+        assert names[-7:] == [r["file"] for r in got]
+        assert [] == report.tail_rows(tmp_path / "missing.csv", 5)

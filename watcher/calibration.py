@@ -50,7 +50,10 @@ DEFAULT_RULE = "max_specificity"
 _EPS = 1e-7
 
 
-def _check(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], FloatArray]:
+def check_labels_scores(
+    y_true: npt.ArrayLike, scores: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Labels (0/1) and scores as flat arrays of equal length, or ValueError saying what is wrong."""
     y = np.asarray(y_true, dtype=np.int64).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
@@ -80,7 +83,7 @@ def apply_temperature(probs: npt.ArrayLike, temperature: float, logit_shift: flo
 
 def nll(y_true: npt.ArrayLike, probs: npt.ArrayLike) -> float:
     """Mean binary negative log-likelihood."""
-    y, p = _check(y_true, probs)
+    y, p = check_labels_scores(y_true, probs)
     q = np.clip(p, _EPS, 1 - _EPS)
     return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
 
@@ -102,7 +105,7 @@ def fit_temperature(
     """The temperature minimising NLL of ``sigmoid(logit(p) / T)`` (scipy bounded search over log T)."""
     from scipy.optimize import minimize_scalar  # type: ignore[import-untyped]
 
-    y, p = _check(y_true, raw_probs)
+    y, p = check_labels_scores(y_true, raw_probs)
     if y.size == 0 or len(np.unique(y)) < 2:
         return 1.0
     z = logit(p)
@@ -131,7 +134,7 @@ def fit_platt(
     """
     from sklearn.linear_model import LogisticRegression
 
-    y, p = _check(y_true, raw_probs)
+    y, p = check_labels_scores(y_true, raw_probs)
     if y.size == 0 or len(np.unique(y)) < 2:
         return 1.0, 0.0
     w = np.ones(y.size) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
@@ -179,7 +182,7 @@ def fit_calibration(
     """
     if prior not in CALIBRATION_PRIORS:
         raise ValueError(f"unknown calibration prior {prior!r} (expected one of {CALIBRATION_PRIORS})")
-    y, p = _check(y_true, raw_probs)
+    y, p = check_labels_scores(y_true, raw_probs)
     share = float(y.mean()) if y.size else 0.5
     assumed = 0.5 if prior == "balanced" else share
     weights = balanced_weights(y) if prior == "balanced" else None
@@ -249,7 +252,7 @@ def choose_threshold(
 
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {rule!r} (expected one of {THRESHOLD_RULES})")
-    y, p = _check(y_true, probs)
+    y, p = check_labels_scores(y_true, probs)
     if y.size == 0 or len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)

@@ -39,13 +39,7 @@ METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "ro
 
 
 def _arrays(y_true: Sequence[int] | npt.ArrayLike, scores: npt.ArrayLike) -> tuple[IntArray, FloatArray]:
-    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if y.shape != s.shape:
-        raise ValueError(f"labels ({y.shape[0]}) and scores ({s.shape[0]}) differ in length")
-    if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
-    return y, s
+    return calibration.check_labels_scores(y_true, scores)
 
 
 def _div(num: float, den: float) -> float:

@@ -119,6 +119,17 @@ def publish(store: Path, build: Path, stamp: Callable[[str], None] | None = None
     raise ModelStoreError(f"could not find a free version name in {store}")
 
 
+def publish_with_metadata(store: Path, build: Path, metadata: dict[str, Any]) -> str:
+    """Write ``metadata`` (its ``version`` set to the chosen name) into the build, then publish it."""
+
+    def stamp(version: str) -> None:
+        metadata["version"] = version
+        (build / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+    stamp("unpublished")
+    return publish(store, build, stamp=stamp)
+
+
 def _history(store: Path) -> list[dict[str, Any]]:
     path = store / HISTORY_FILE
     if not path.exists():

@@ -597,6 +597,31 @@ def find_rows(
     return found
 
 
+def _blocks_backwards(fd: int, data_start: int, size: int) -> Iterator[list[list[str]]]:
+    """The file's complete records from the end backwards, a block of whole records at a time.
+
+    A torn last line is not a record. Each block is parsed from a record start (see the module
+    docstring), so quoted newlines never split a record; a record longer than a block is read
+    with the block before it.
+    """
+    start = _record_start_before(fd, size, data_start)
+    pos = start + _last_complete_end(os.pread(fd, size - start, start))
+    carry = b""
+    while pos > data_start:
+        lo = max(data_start, pos - _BLOCK)
+        buf = os.pread(fd, pos - lo, lo) + carry
+        if lo == data_start:
+            first = 0
+        else:
+            m = _ROW_START.search(buf)
+            if m is None:
+                carry, pos = buf, lo  # one record longer than a block: read further back
+                continue
+            first = m.start() + 1
+        carry, pos = buf[:first], lo
+        yield _parse(buf[first:])
+
+
 def _scan_back(
     fd: int,
     claims: set[str],
@@ -616,23 +641,7 @@ def _scan_back(
         i_inst, i_claim = columns.index("instance"), columns.index("claim")
     except ValueError:
         return False  # no claim column: no recovery rows in it
-    data_start = line[1]
-    start = _record_start_before(fd, size, data_start)
-    end = start + _last_complete_end(os.pread(fd, size - start, start))  # a torn tail is not a row
-    pos, carry = end, b""
-    while pos > data_start:
-        lo = max(data_start, pos - _BLOCK)
-        buf = os.pread(fd, pos - lo, lo) + carry
-        if lo == data_start:
-            first = 0
-        else:
-            m = _ROW_START.search(buf)
-            if m is None:
-                carry, pos = buf, lo  # one record longer than a block: read further back
-                continue
-            first = m.start() + 1
-        records = _parse(buf[first:])
-        carry, pos = buf[:first], lo
+    for records in _blocks_backwards(fd, line[1], size):
         stop = False
         for rec in reversed(records):
             if len(rec) != len(columns):
@@ -722,25 +731,11 @@ def tail_rows(path: Path, n: int) -> list[dict[str, str]]:
         if line is None or n <= 0:
             return []
         columns = next(csv.reader([line[0]]))
-        data_start = line[1]
-        start = _record_start_before(fd, size, data_start)
-        end = start + _last_complete_end(os.pread(fd, size - start, start))  # a torn tail is not a row
         out: list[dict[str, str]] = []
-        pos, carry = end, b""
-        while pos > data_start and len(out) < n:
-            lo = max(data_start, pos - _BLOCK)
-            buf = os.pread(fd, pos - lo, lo) + carry
-            if lo == data_start:
-                first = 0
-            else:
-                m = _ROW_START.search(buf)
-                if m is None:
-                    carry, pos = buf, lo  # one record longer than a block: read further back
-                    continue
-                first = m.start() + 1
-            records = _parse(buf[first:])
-            carry, pos = buf[:first], lo
+        for records in _blocks_backwards(fd, line[1], size):
             out = [dict(zip(columns, r, strict=True)) for r in records if len(r) == len(columns)] + out
+            if len(out) >= n:
+                break
         return out[-n:]
     finally:
         os.close(fd)

@@ -319,14 +319,7 @@ def calibrate_site(
             if key in base_meta:
                 metadata[key] = base_meta[key]
 
-        def stamp(version: str) -> None:
-            metadata["version"] = version
-            (build / model_store.METADATA_FILE).write_text(
-                json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
-            )
-
-        stamp("unpublished")
-        version = model_store.publish(store, build, stamp=stamp)
+        version = model_store.publish_with_metadata(store, build, metadata)
     except BaseException:
         model_store.remove_build(build)
         raise

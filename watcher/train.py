@@ -523,14 +523,7 @@ def train(opts: TrainOptions) -> str:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         }
 
-        def stamp(version: str) -> None:
-            metadata["version"] = version
-            (build / model_store.METADATA_FILE).write_text(
-                json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
-            )
-
-        stamp("unpublished")
-        version = model_store.publish(store, build, stamp=stamp)
+        version = model_store.publish_with_metadata(store, build, metadata)
     except BaseException:
         model_store.remove_build(build)
         raise
