@@ -211,6 +211,14 @@ class Daemon:
     def events(self, name: str) -> list[dict[str, object]]:
         return [e for e in self.lines if e.get("event") == name]
 
+    def wait_event(self, name: str, timeout: float = 120) -> None:
+        """Wait for a log event; on timeout, fail with the process's state and its last lines."""
+        try:
+            wait_for(lambda: bool(self.events(name)), timeout, f"the daemon's {name!r} event")
+        except AssertionError as exc:
+            tail = "\n".join(json.dumps(e)[:300] for e in self.lines[-25:])
+            raise AssertionError(f"{exc}; exit code {self.proc.poll()}; last lines:\n{tail}") from None
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         rc = self.proc.wait(timeout=60)

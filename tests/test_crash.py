@@ -162,7 +162,7 @@ class TestRandomKills:
         claimed_at_kill = []
         for life in range(4):
             d = Daemon(cfg)
-            wait_for(lambda d=d: bool(d.events("watching")), 120, "the daemon to start")  # type: ignore[misc]
+            d.wait_event("watching", 120)
             kill_at = rows() + rng.randint(8, 120)  # a random instant in the middle of the work
             for rel, src in files[life * 150 : (life + 1) * 150]:
                 src.rename(cfg.inbox / rel)  # 150 files arrive

@@ -387,7 +387,7 @@ set -eu
 stage=$1; shift
 rw=$1; shift          # colon-separated ReadWritePaths
 svc=$1; shift         # the folder holding config.yaml (under /tmp)
-keep=$1; shift        # the interpreter's prefix (bound back if a hidden home holds it)
+keep=$1; shift        # colon-separated: interpreter, venv, repo (bound back if a hidden home holds them)
 IFS=:
 for p in $rw; do mount --bind "$p" "$p"; done
 unset IFS
@@ -395,13 +395,20 @@ unset IFS
 n=0
 for home in /home /root /run/user; do
     [ -d "$home" ] || continue
-    case $keep/ in
-    "$home"/*)
-        n=$((n + 1)); mkdir -p "$stage/keep$n"; mount --rbind "$keep" "$stage/keep$n"
-        mount -t tmpfs -o mode=0111 tmpfs "$home"; mkdir -p "$keep"; mount --rbind "$stage/keep$n" "$keep"
-        ;;
-    *) mount -t tmpfs -o mode=0000 tmpfs "$home" ;;
-    esac
+    inside=""
+    IFS=:
+    for k in $keep; do case $k/ in "$home"/*) inside="$inside:$k" ;; esac; done
+    unset IFS
+    if [ -z "$inside" ]; then mount -t tmpfs -o mode=0000 tmpfs "$home"; continue; fi
+    first=$n
+    IFS=:
+    for k in ${inside#:}; do n=$((n + 1)); mkdir -p "$stage/keep$n"; mount --rbind "$k" "$stage/keep$n"; done
+    unset IFS
+    mount -t tmpfs -o mode=0111 tmpfs "$home"
+    i=$first
+    IFS=:
+    for k in ${inside#:}; do i=$((i + 1)); mkdir -p "$k"; mount --rbind "$stage/keep$i" "$k"; done
+    unset IFS
 done
 # PrivateDevices=yes
 mkdir -p "$stage/dev"
@@ -446,7 +453,9 @@ def in_sandbox(
         inner += [sys.executable, str(Path(__file__).resolve())]
         inner += ["--deny-write-execute"] if deny_write_execute else []
         inner += ["--seccomp", ",".join(map(str, seccomp)), "--"]
-    keep = os.path.realpath(sys.base_prefix)
+    # what the unit's /opt install has outside the homes: the interpreter, the venv, the code
+    repo = Path(__file__).resolve().parents[1]
+    keep = ":".join(sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, repo)}))
     unshare = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
     script = ["sh", "-c", SANDBOX, "sandbox", str(stage), ":".join(map(str, rw)), str(svc), keep]
     return subprocess.run(
@@ -538,7 +547,8 @@ class TestSandboxedRun:
         assert 0 == proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert [] == [e for e in events if e.get("level") in ("error", "critical")]
-        assert ["v0002"] == [e["model_version"] for e in events if e.get("event") == "model_loaded"]
+        shipped = (Path(__file__).resolve().parents[1] / "model_store" / "CURRENT").read_text().strip()
+        assert [shipped] == [e["model_version"] for e in events if e.get("event") == "model_loaded"]
         rows = {r["file"]: r for r in read_rows(cfg.results)}
         assert {p.name for p in FULLRES} | {"broken.jpeg"} == set(rows)
         assert {"ok"} == {rows[p.name]["status"] for p in FULLRES}
