@@ -5,7 +5,8 @@
 Writes, with the shipped model:
 - docs/img/heatmap_normal.png, docs/img/heatmap_pneumonia.png: overlays of one full-resolution
   NORMAL and one PNEUMONIA radiograph (tests/fixtures/fullres, or ../shared/data/fullres);
-- docs/img/review.png: a headless-Chromium screenshot of a review page built from the fixtures
+- docs/img/review.png: a headless-Chromium screenshot of the review page a live ``run --once``
+  writes for the fixtures (heat maps on, a truncated file, an adult's DICOM without extension)
   (needs chromium: scripts/ensure-chromium.sh);
 and prints the cost of predict_and_explain against plain predict_on_batch at batch 16, and,
 when ../shared/data/chest_xray/train exists, the mean border mass fraction of the maps on
@@ -35,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 from watcher.explain import GradCam, border_mass_fraction, overlay_png, write_overlay  # noqa: E402
 from watcher.imaging import GreyImage, decode_image, preprocess, resize  # noqa: E402
 from watcher.inference import Predictor, calibrate  # noqa: E402
-from watcher.review import count_rows, relative_href, render_page, write_page  # noqa: E402
 from watcher.splits import list_samples, split_samples  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -59,7 +59,7 @@ def explain_files(pred: Predictor, cam: GradCam, paths: list[Path]) -> list[Expl
     for i in range(0, len(paths), 16):
         images = [decode_image(p) for p in paths[i : i + 16]]
         raw, maps = cam.predict_and_explain(np.stack([preprocess(im, pred.spec) for im in images]))
-        probs = calibrate(raw, pred.temperature)
+        probs = calibrate(raw, pred.temperature, pred.logit_shift)
         out.extend(zip(images, (float(p) for p in probs), maps, strict=True))
     return out
 
@@ -97,51 +97,60 @@ def chromium_screenshot(page: Path, shot: Path, height: int) -> None:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
 
-def review_example(pred: Predictor, cam: GradCam) -> None:
-    paths = sorted((ROOT / "tests" / "fixtures" / "train").glob("*/*.jpeg"))[::2]
+def _dicom(image: GreyImage, age: str) -> bytes:
+    """An explicit VR little endian DX chest file of ``image`` with a patient age (no other PHI)."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.PatientAge = "DX", "CHEST", age
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = image.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def review_example(store: Path) -> None:
+    """The page a live daemon writes: `xray-watcher run --once` with heat maps on, fixtures in."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    fixtures = sorted((ROOT / "tests" / "fixtures" / "train").glob("*/*.jpeg"))[::2]
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp)
-        rows: list[dict[str, str]] = []
-        explained = explain_files(pred, cam, paths)
-        for i, (path, (image, prob, cam_map)) in enumerate(zip(paths, explained, strict=True)):
-            label = pred.label_for(prob)
-            rel = f"heatmaps/{i:03d}.png"
-            write_overlay(site / rel, overlay_png(thumbnail(image), cam_map, label, prob, pred.threshold))
-            rows.append(
-                {
-                    "processed_at": f"2026-11-25T10:{i:02d}:07.412Z",
-                    "file": path.name,
-                    "status": "ok",
-                    "label": label,
-                    "probability": f"{prob:.4f}",
-                    "threshold": f"{pred.threshold:.4f}",
-                    "model_version": pred.version,
-                    "width": str(image.shape[1]),
-                    "height": str(image.shape[0]),
-                    "heatmap": rel,
-                    "sop_instance_uid": f"1.2.826.0.1.3680043.8.498.{1000 + i}" if i % 3 == 0 else "",
-                    "warning": "image is 224x224, below the recommended 512 px" if i == 2 else "",
-                }
-            )
-        rows.append(
-            {
-                "processed_at": "2026-11-25T10:30:00.000Z",
-                "file": "scan_0042.jpeg",
-                "status": "failed",
-                "error": "JPEG data ends before its end-of-image marker: the file is truncated",
-            }
-        )
+        for name in ("inbox", "processed", "failed"):
+            (site / name).mkdir()
+        for p in fixtures:
+            shutil.copy(p, site / "inbox" / p.name)
+        (site / "inbox" / "scan_0042.jpeg").write_bytes(fixtures[0].read_bytes()[:3000])  # truncated
+        adult = cv2.imread(str(fixtures[-1]), cv2.IMREAD_GRAYSCALE)
+        (site / "inbox" / "CR000117").write_bytes(_dicom(adult, "058Y"))  # DICOM without extension
+        config = {
+            "inbox": "inbox", "processed": "processed", "failed": "failed", "results": "results.csv",
+            "model_store": str(store.resolve()), "instance_id": "example", "log": {"level": "warning"},
+            "explain": {"enabled": True},
+        }  # fmt: skip
+        (site / "config.yaml").write_text(yaml.safe_dump(config))
+        subprocess.run(
+            [sys.executable, "-m", "watcher", "run", "--once", "--config", str(site / "config.yaml")],
+            check=True, cwd=ROOT, capture_output=True,
+        )  # fmt: skip
         page = site / "review.html"
-        html = render_page(
-            rows,
-            model={**pred.metadata, "version": pred.version},
-            counts=count_rows(rows),
-            heatmap_href=lambda r: relative_href(site / r["heatmap"], page) if r.get("heatmap") else None,
-            thumb_href=lambda r: None,
-            generated_at="2026-11-25T10:30:05Z",
-            title="xray-watcher review (example)",
-        )
-        write_page(page, html)
         shot = site / "review.png"
         chromium_screenshot(page, shot, 1400)
         if shot.exists():
@@ -213,7 +222,7 @@ def validation_border(pred: Predictor, cam: GradCam, max_val: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
-    ap.add_argument("--version", default="v0002")
+    ap.add_argument("--version", default=None, help="default: the store's current version")
     ap.add_argument("--max-val", type=int, default=300)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,7 @@ def main() -> None:
     shape = tuple(cam.grad_model.outputs[0].shape)
     print(f"model {pred.version}: Grad-CAM on layer {cam.layer_name} {shape}")
     heatmap_examples(pred, cam)
-    review_example(pred, cam)
+    review_example(args.store)
     validation_border(pred, cam, args.max_val)
     if not (SHARED / "chest_xray" / "train").is_dir():
         fixtures = sorted((ROOT / "tests" / "fixtures" / "train").glob("*/*.jpeg"))[:16]
