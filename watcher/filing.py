@@ -80,7 +80,7 @@ def folder_size(root: Path, budget_s: float = 2.0) -> FolderSize:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(Path(entry.path))
-                    else:
+                    elif entry.is_file(follow_symlinks=False):  # links and FIFOs hold no data
                         total += entry.stat(follow_symlinks=False).st_size
                         files += 1
                 except OSError:

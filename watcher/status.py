@@ -24,6 +24,7 @@ from typing import Any
 
 from watcher import __version__
 from watcher.config import Config
+from watcher.filing import folder_size
 
 DEFAULT_TICK_S = 5.0  # how often the daemon rewrites the state file
 STALE_TICKS = 3  # no tick for this many intervals: stale
@@ -85,27 +86,6 @@ def read_status(path: Path) -> State:
     return state
 
 
-def tree_bytes(root: Path) -> int:
-    """Total size of the regular files under ``root`` (links not followed; errors skipped)."""
-    total = 0
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        continue
-        except OSError:
-            continue
-    return total
-
-
 def results_bytes(results: Path) -> int:
     """Size of results.csv and its rotated siblings (``results*.csv`` beside it)."""
     total = 0
@@ -114,6 +94,9 @@ def results_bytes(results: Path) -> int:
             if p.is_file():
                 total += p.stat().st_size
     return total
+
+
+WALK_BUDGET_S = 10.0
 
 
 class DiskUsage:
@@ -141,11 +124,18 @@ class DiskUsage:
         return cls(cfg.results, cfg.processed, cfg.failed, every_s)
 
     def measure(self) -> dict[str, Any]:
-        """Walk the folders now (slow for a large processed/)."""
+        """Walk the folders now, each for at most ``WALK_BUDGET_S`` (a year of files is millions).
+
+        ``*_complete`` False: the budget ran out and the size is a lower bound.
+        """
+        processed = folder_size(self.processed, WALK_BUDGET_S)
+        failed = folder_size(self.failed, WALK_BUDGET_S)
         return {
             "results_bytes": results_bytes(self.results),
-            "processed_bytes": tree_bytes(self.processed),
-            "failed_bytes": tree_bytes(self.failed),
+            "processed_bytes": processed.bytes,
+            "processed_complete": processed.complete,
+            "failed_bytes": failed.bytes,
+            "failed_complete": failed.complete,
             "measured_at": iso_utc(time.time()),
         }
 
@@ -378,8 +368,10 @@ def format_report(report: Mapping[str, Any], now: float) -> str:
         if disk:
             sizes = (
                 f"results {_bytes(disk.get('results_bytes'))}, "
-                f"processed {_bytes(disk.get('processed_bytes'))}, "
-                f"failed {_bytes(disk.get('failed_bytes'))}"
+                f"processed {'' if disk.get('processed_complete', True) else 'at least '}"
+                f"{_bytes(disk.get('processed_bytes'))}, "
+                f"failed {'' if disk.get('failed_complete', True) else 'at least '}"
+                f"{_bytes(disk.get('failed_bytes'))}"
                 if "processed_bytes" in disk
                 else "sizes not measured yet"
             )
