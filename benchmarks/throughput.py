@@ -2,7 +2,7 @@
 
 Usage (from the repo root; reads ../shared, never used by the tests):
 
-    .venv/bin/python benchmarks/throughput.py [--copies 6] [--heatmaps] [--store model_store]
+    .venv/bin/python benchmarks/throughput.py [--copies 20] [--heatmaps] [--store model_store]
 
 Prints, in one run, on the same files (the 80 full-resolution originals of
 ``../shared/data/fullres``, copied ``--copies`` times, at least 400 files):
@@ -156,11 +156,11 @@ def dicom_bytes(path: Path) -> bytes:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "fullres")
-    ap.add_argument("--copies", type=int, default=6)
+    ap.add_argument("--copies", type=int, default=20)
     ap.add_argument("--singles", type=int, default=11)
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
     ap.add_argument("--heatmaps", action="store_true", help="run the daemon with explain.enabled")
-    ap.add_argument("--batch", type=int, default=16, help="batch.max_size of the daemon")
+    ap.add_argument("--batch", type=int, default=32, help="batch.max_size of the daemon (shipped: 32)")
     args = ap.parse_args()
     originals = sorted(p for p in args.source.rglob("*.jpeg"))
     if not originals:

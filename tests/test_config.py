@@ -28,7 +28,7 @@ class TestLoadConfig:
         """The config.yaml in the repo works as shipped."""
         cfg = load_config(ROOT / "config.yaml")
         assert ROOT / "inbox" == cfg.inbox
-        assert 16 == cfg.batch.max_size
+        assert 32 == cfg.batch.max_size
 
     def test_relative_paths_resolve_against_config_folder(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -25,7 +25,7 @@ from watcher.errors import ConfigError
 class BatchConfig:
     """How files are grouped for the model."""
 
-    max_size: int = 16
+    max_size: int = 32
     max_wait_ms: int = 500
 
 
