@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
@@ -63,7 +62,7 @@ from watcher import failpoints, model_store
 from watcher.config import DecodeConfig, IngestConfig, load_config
 from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, WatcherError
-from watcher.fsutil import fsync_dir
+from watcher.fsutil import fsync_dir, try_lock
 from watcher.imaging import PreprocessSpec
 from watcher.ingest import scan_inbox
 from watcher.report import COLUMNS, utc_now
@@ -271,15 +270,9 @@ class _OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> _OutputLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WatcherError(
-                f"another backfill is writing to {self.path.parent} (lock {self.path})"
-            ) from None
-        self._fd = fd
+        self._fd = try_lock(self.path)
+        if self._fd is None:
+            raise WatcherError(f"another backfill is writing to {self.path.parent} (lock {self.path})")
         return self
 
     def __exit__(self, *exc: object) -> None:

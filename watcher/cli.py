@@ -186,13 +186,11 @@ def _predict_with_heatmap(predictor: Any, explainer: Any, item: Any, folder: Pat
 
     from watcher.explain import overlay_png, write_overlay
     from watcher.filing import plan_destination
-    from watcher.inference import Prediction, calibrate
 
     raw, cams = explainer.predict_and_explain(item.model_input[np.newaxis])
-    p = float(calibrate(raw, predictor.temperature, predictor.logit_shift)[0])
-    pred = Prediction(p, predictor.label_for(p))
+    (pred,) = predictor.predictions(raw)
     dest = plan_destination(folder / pred.label, PurePosixPath(item.path.name + ".png"), item.sha256)
-    write_overlay(dest, overlay_png(item.thumb, cams[0], pred.label, p, predictor.threshold))
+    write_overlay(dest, overlay_png(item.thumb, cams[0], pred.label, pred.probability, predictor.threshold))
     return pred
 
 

@@ -1,7 +1,8 @@
-"""Small durable-filesystem helpers: atomic writes and directory fsync."""
+"""Small durable-filesystem helpers: atomic writes, directory fsync, a non-blocking file lock."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -29,3 +30,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if needed): its descriptor, or None if held.
+
+    The lock lasts until the descriptor is closed, or the process dies.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

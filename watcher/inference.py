@@ -119,5 +119,9 @@ class Predictor:
         """Score preprocessed images."""
         if not inputs:
             return []
-        probs = self.probabilities(np.stack(inputs).astype(np.float32, copy=False))
+        return self.predictions(self.raw_probabilities(np.stack(inputs).astype(np.float32, copy=False)))
+
+    def predictions(self, raw: npt.NDArray[np.floating[Any]]) -> list[Prediction]:
+        """Calibrated probabilities and labels from the network's own outputs (e.g. Grad-CAM's pass)."""
+        probs = calibrate(np.asarray(raw).reshape(-1), self.temperature, self.logit_shift)
         return [Prediction(float(p), self.label_for(float(p))) for p in probs]

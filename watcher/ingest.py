@@ -183,7 +183,6 @@ class Ingest:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.inbox = cfg.inbox
-        self.settle_s = cfg.ingest.settle_ms / 1000.0
         self.ready: queue.Queue[Path] = queue.Queue()
         self._pending: dict[Path, _Pending] = {}
         self._queued: set[Path] = set()
@@ -192,6 +191,11 @@ class Ingest:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_rescan = 0.0
+
+    @property
+    def settle_s(self) -> float:
+        """How long a file without a close-write event must stay unchanged (from the live config)."""
+        return self.cfg.ingest.settle_ms / 1000.0
 
     # ------------------------------------------------------------ noticing
 

@@ -18,7 +18,7 @@ others, so each file gets exactly one row and ends in exactly one place.
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import filecmp
 import hashlib
 import os
@@ -45,9 +45,9 @@ from watcher.config import Config, load_config
 from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, ReportError, WatcherError
 from watcher.filing import destination_root, link_into, plan_destination
-from watcher.fsutil import fsync_dir
+from watcher.fsutil import fsync_dir, try_lock
 from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, input_floor, preprocess, resize
-from watcher.inference import Prediction, Predictor, calibrate
+from watcher.inference import Prediction, Predictor
 from watcher.ingest import Ingest
 from watcher.logs import capture_library_warnings, configure_logging
 from watcher.report import ResultRow, ResultsWriter, find_rows, format_utc, low_disk_warning
@@ -67,8 +67,7 @@ _LIVE_KEYS = {"ingest.rescan_interval_s", "ingest.settle_ms", "model_poll_s", "r
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    import dataclasses
-
+    """A config as ``{"batch.max_size": 32, ...}``."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -84,16 +83,8 @@ def _diff(old: Config, new: Config) -> list[str]:
     return [k for k in a if a[k] != b.get(k)]
 
 
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _with(cfg: Any, key: str, value: Any) -> Any:
-    import dataclasses
-
+    """A copy of a (nested, frozen) config with the dotted ``key`` set to ``value``."""
     head, _, rest = key.partition(".")
     if not rest:
         return dataclasses.replace(cfg, **{head: value})
@@ -213,15 +204,12 @@ class InstanceLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(self.path)
+        if fd is None:
             raise WatcherError(
                 f"another xray-watcher with the same instance_id already works on this inbox "
                 f"(lock {self.path} is held); give each instance its own instance_id"
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -623,15 +611,14 @@ class Service:
             log.error("config_reload_failed", error=str(exc), kept="the running configuration")
             return
         old = self.cfg
-        changed = {k for k in _diff(old, new)}
+        changed = set(_diff(old, new))
         live = {k for k in changed if k.split(".")[0] in _LIVE_SECTIONS or k in _LIVE_KEYS}
         restart = sorted(changed - live)
-        merged = new
+        merged, running = new, _flat(old)
         for key in restart:  # keep the running value of what cannot change live
-            merged = _with(merged, key, _get(old, key))
+            merged = _with(merged, key, running[key])
         self.cfg = merged
         self.ingest.cfg = merged
-        self.ingest.settle_s = merged.ingest.settle_ms / 1000.0
         if any(k.startswith("log.") for k in live):
             configure_logging(merged.log.level, merged.log.format)
         if any(k.startswith("metrics.") for k in live):
@@ -692,12 +679,10 @@ class Service:
         if self._explainer is not None:
             try:
                 raw, cams = self._explainer.predict_and_explain(batch)
-                probs = calibrate(raw, predictor.temperature, predictor.logit_shift)
-                preds = [Prediction(float(p), predictor.label_for(float(p))) for p in probs]
-                return preds, list(cams)
+                return predictor.predictions(raw), list(cams)
             except Exception as exc:  # heat maps never fail a row
                 log.error("heatmap_failed", error=f"{type(exc).__name__}: {exc}", n_files=len(good))
-        return predictor.predict(inputs), [None] * len(inputs)
+        return predictor.predictions(predictor.raw_probabilities(batch)), [None] * len(inputs)
 
     def _write_heatmap(self, item: Item, pred: Prediction, cam: Any, threshold: float) -> str:
         """Write the file's overlay under explain.folder; returns its path for the row ('' if none)."""
