@@ -18,7 +18,8 @@ from watcher.report import read_rows
 
 
 def claimed_files(cfg: Config) -> list[Path]:
-    return [p for p in (cfg.work_dir / "claimed").rglob("*") if not p.is_dir()]
+    """Files still claimed; the daemon removes claim folders meanwhile, which os.walk tolerates."""
+    return [Path(root) / n for root, _dirs, names in os.walk(cfg.work_dir / "claimed") for n in names]
 
 
 def drop_all(cfg: Config, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -26,6 +27,16 @@ def drop_all(cfg: Config, files: dict[str, bytes]) -> dict[str, bytes]:
         tmp = cfg.inbox / f".{name}.tmp"
         tmp.write_bytes(data)
         tmp.rename(cfg.inbox / name)
+    return {sha(data): data for data in files.values()}
+
+
+def drop_folder(cfg: Config, files: dict[str, bytes]) -> dict[str, bytes]:
+    """The files written into a hidden folder, then moved into the inbox as one folder."""
+    stage = cfg.inbox / ".stage"
+    stage.mkdir()
+    for name, data in files.items():
+        (stage / name).write_bytes(data)
+    stage.rename(cfg.inbox / "batch")
     return {sha(data): data for data in files.values()}
 
 
@@ -130,7 +141,7 @@ class TestDiskFull:
             # 16 rows with long names need more than the header's half-empty block: ENOSPC
             xray = FULLRES[1].read_bytes()
             files = {f"{'long-name-' * 10}{i:02d}.jpeg": xray + i.to_bytes(2, "big") for i in range(16)}
-            originals = drop_all(cfg, files)
+            originals = drop_folder(cfg, files)  # settle together: one batch, one append of 16 rows
             wait_for(lambda: bool(d.events("results_append_failed")), 30, "a failed append")
             assert "No space left on device" in str(d.events("results_append_failed")[0]["error"])
             assert [] == read_rows(cfg.results)

@@ -177,6 +177,21 @@ def _stat_key(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
+def _put_all(q: queue.Queue[Path], items: list[Path]) -> None:
+    """Put ``items`` on ``q`` in one step, so a batcher waking on the first sees them all.
+
+    Files that settle together (a folder moved in, a rescan) then form one batch instead of a
+    lone first file followed by the rest. ``queue.Queue`` documents no bulk put; this takes its
+    lock and does what ``put`` does for each item, on an unbounded queue.
+    """
+    if not items:
+        return
+    with q.mutex:
+        q.queue.extend(items)
+        q.unfinished_tasks += len(items)
+        q.not_empty.notify(len(items))
+
+
 class Ingest:
     """Tracks candidates until they are settled, then puts them on ``ready``."""
 
@@ -231,6 +246,24 @@ class Ingest:
         except Exception:  # an event handler must never kill the observer thread
             log.exception("ingest_notice_failed", path=str(path))
 
+    def notice_all(self, paths: list[Path], complete: bool = False) -> None:
+        """``notice`` each path; complete ones go onto ``ready`` together, in one step."""
+        if not complete:
+            for path in paths:
+                self.notice(path)
+            return
+        taken = []
+        with self._lock:
+            for path in paths:
+                if path in self._queued or not is_candidate(self.inbox, path, self.cfg.ingest.extensions):
+                    continue
+                if _stat_key(path) is None:
+                    continue
+                self._pending.pop(path, None)
+                self._queued.add(path)
+                taken.append(path)
+            _put_all(self.ready, taken)
+
     def rescan(self) -> int:
         """Notice every candidate in the inbox; returns how many were seen."""
         n = 0
@@ -248,7 +281,7 @@ class Ingest:
     def settle(self) -> int:
         """Move settled candidates to ``ready``; returns how many were moved."""
         now = time.monotonic()
-        moved = 0
+        settled: list[Path] = []
         with self._lock:
             for path, entry in list(self._pending.items()):
                 key = _stat_key(path)
@@ -265,9 +298,9 @@ class Ingest:
                 if quiet >= self.settle_s or (entry.closed and quiet >= min(CLOSE_GRACE_S, self.settle_s)):
                     del self._pending[path]
                     self._queued.add(path)
-                    self.ready.put(path)
-                    moved += 1
-        return moved
+                    settled.append(path)
+            _put_all(self.ready, settled)
+        return len(settled)
 
     def pending_count(self) -> int:
         """Candidates seen but not yet settled."""
@@ -332,11 +365,11 @@ class _Handler(FileSystemEventHandler):
                 return  # e.g. the work folder's first creation, or a file renamed to a hidden name
             if event.is_directory:
                 if event.event_type in ("created", "moved"):
-                    # a folder moved in whole brings files that raise no events of their own
-                    target = event.dest_path if isinstance(event, FileSystemMovedEvent) else event.src_path
+                    # a folder moved in whole brings files that raise no events of their own; moved
+                    # in by one rename, they are complete and arrive together (one batch)
                     folder = Path(os.fsdecode(target))
-                    for path in scan_inbox(folder, self.ingest.cfg.ingest.extensions):
-                        self.ingest.notice(path)
+                    paths = list(scan_inbox(folder, self.ingest.cfg.ingest.extensions))
+                    self.ingest.notice_all(paths, complete=isinstance(event, FileSystemMovedEvent))
                 return
             if isinstance(event, FileSystemMovedEvent):
                 self.ingest.notice(Path(os.fsdecode(event.dest_path)), complete=True)
