@@ -4,7 +4,8 @@ Usage (from the repo root; reads ../shared; needs ``pip install py-spy``):
 
     .venv/bin/python benchmarks/profile_run.py [--copies 6] [--repo .]
 
-Copies the 80 originals ``--copies`` times into a fresh inbox, runs
+Copies the 80 originals ``--copies`` times into a fresh inbox (``--heatmaps``: with
+``explain.enabled``), runs
 ``py-spy record --threads --format raw -- python -m watcher run --once`` from ``--repo``
 (another checkout profiles another version), and prints the share of samples per stage
 (every thread counted, idle threads waiting on a lock or queue left out) and the top leaf
@@ -30,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = [  # first match wins; each key is looked for in every frame of a sample's stack
     ("imports and start-up", ("importlib", "_find_and_load")),
     ("decode JPEG", ("_decode_raster", "_decode_reduced_jpeg", "imdecode")),
-    ("resize + CLAHE (preprocess)", ("resize (", "equalize (", "scale_to_unit", "thumbnail (")),
+    ("heat map: thumbnail, overlay, PNG, write", ("thumbnail (", "overlay_png", "write_overlay")),
+    ("resize + CLAHE (preprocess)", ("resize (", "equalize (", "scale_to_unit")),
     ("sha256", ("hexdigest", "sha256")),
     ("read file", ("read_file (",)),
     ("inference (TensorFlow)", ("tensorflow", "keras", "raw_probabilities", "predict_and_explain")),
-    ("heat map overlay + PNG", ("overlay_png", "write_overlay")),
     ("results.csv", ("report.py",)),
     ("claim / link / fsync / unlink", ("_claim", "_place_all", "_link", "fsync", "_sync_claims")),
     ("ingest (scan, settle)", ("ingest.py",)),
@@ -48,6 +49,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=6)
     ap.add_argument("--repo", type=Path, default=ROOT)
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    ap.add_argument("--heatmaps", action="store_true", help="run with explain.enabled")
     args = ap.parse_args()
     originals = sorted(args.source.rglob("*.jpeg"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +70,8 @@ def main() -> int:
                     "instance_id": "prof",
                     "ingest": {"settle_ms": 0},
                     "log": {"level": "warning"},
-                    "batch": {"max_size": 16, "max_wait_ms": 500},
+                    "batch": {"max_size": 32, "max_wait_ms": 500},
+                    "explain": {"enabled": args.heatmaps},
                 }
             )
         )
@@ -120,9 +123,7 @@ def main() -> int:
                 break
         else:
             stage_count["other Python"] += count
-    print(
-        f"{len(originals) * args.copies} files, run --once {wall:.1f} s (py-spy, start-up included)"
-    )
+    print(f"{len(originals) * args.copies} files, run --once {wall:.1f} s (py-spy, start-up included)")
     print(f"busy samples: {total} (all threads; 100 Hz)")
     for name, count in stage_count.most_common():
         print(f"  {name:40} {100 * count / total:5.1f}%")

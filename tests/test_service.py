@@ -158,6 +158,53 @@ class TestRunOnce:
         assert img.read_bytes() == dest.read_bytes()
         assert [] == files_under(cfg.work_dir / "claimed")
 
+    def test_reporter_failure_stops_the_run_and_loses_nothing(
+        self, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An unexpected error in the reporting stage (rows, moves) ends the run with that error
+        instead of hanging the scoring stage; the files stay claimed and the next start files
+        every one of them, once."""
+        import watcher.service as service_module
+
+        cfg = make_config(batch={"max_size": 2, "max_wait_ms": 1})
+        names = [f"{i}.jpeg" for i in range(8)]
+        for name, img in zip(names, fixture_images()[:8], strict=True):
+            shutil.copy(img, cfg.inbox / name)
+        real = service_module.population_warning
+        calls = []
+
+        def failing(*args: object) -> str:
+            calls.append(args)
+            if len(calls) == 3:  # in the second batch's rows
+                raise RuntimeError("bug in the reporter")
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(service_module, "population_warning", failing)
+        outcome: list[BaseException | int] = []
+
+        def run() -> None:
+            try:
+                outcome.append(Service(cfg).run(once=True))
+            except BaseException as exc:  # the test inspects it
+                outcome.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(120)
+        assert not t.is_alive(), "the run hung after the reporter failed"
+        assert 1 == len(outcome) and isinstance(outcome[0], RuntimeError), outcome
+        first = [r["file"] for r in rows_of(cfg)]
+        assert 2 == len(first)  # the first batch only; the second failed before its append
+        left = [p for p in files_under(cfg.work_dir / "claimed")]
+        assert 6 == len(left)  # still claimed: nothing lost, nothing filed without a row
+
+        monkeypatch.setattr(service_module, "population_warning", real)
+        assert 0 == Service(cfg).run(once=True)
+        rows = rows_of(cfg)
+        assert sorted(names) == sorted(r["file"] for r in rows)  # each once
+        assert all(Path(r["destination"]).is_file() for r in rows)
+        assert [] == files_under(cfg.work_dir / "claimed")
+
     def test_second_instance_with_same_id_refused(self, make_config: Callable[..., Config]) -> None:
         """Two daemons with one instance id on one inbox: the second refuses to start."""
         cfg = make_config()
