@@ -8,7 +8,9 @@ For the 80 full-resolution originals (``../shared/data/fullres``) and for the va
 the model version was chosen on (its ``training.split`` in metadata.json, rebuilt with
 ``watcher.splits``), every file is decoded twice: in full, and DCT-scaled to no less than twice
 the model input (what the daemon does). Prints the largest and mean probability difference,
-how many labels change, and the validation metrics of both decodes.
+how many labels change, and the validation metrics of both decodes; beside them the
+*rounding floor*: the same full decode with +-1 grey level of noise after resizing, i.e. how
+far the model's answers move for a change no larger than rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from watcher.imaging import decode, input_floor, preprocess
+from watcher.imaging import decode, equalize, input_floor, preprocess, resize, scale_to_unit
 from watcher.inference import Predictor
 
 
@@ -39,14 +41,39 @@ def probabilities(predictor: Predictor, files: list[Path], fast: bool) -> np.nda
     return np.concatenate(out)
 
 
+def rounding_floor(predictor: Predictor, files: list[Path], seed: int = 0) -> np.ndarray:
+    """The full decode again, with +-1 grey level of noise added after resizing, before equalisation.
+
+    Not a decoder: the size of a rounding-level change to the resized image (what any other
+    correct resampler could produce), to read the fast path's differences against.
+    """
+    spec, rng, out = predictor.spec, np.random.default_rng(seed), []
+    for i in range(0, len(files), 64):
+        batch = []
+        for p in files[i : i + 64]:
+            img = decode(p.read_bytes(), min_size=(0, 0)).image
+            if spec.effective_size > 0:
+                img = resize(img, spec.effective_size, spec.effective_size)
+            img = resize(img, spec.height, spec.width)
+            img = np.clip(img.astype(np.int16) + rng.integers(-1, 2, img.shape), 0, 255).astype(np.uint8)
+            batch.append(scale_to_unit(equalize(img, spec.equalize, spec.clahe_tiles))[:, :, np.newaxis])
+        out.append(predictor.probabilities(np.stack(batch)))
+    return np.concatenate(out)
+
+
 def report(name: str, predictor: Predictor, files: list[Path], labels: np.ndarray | None) -> None:
     full = probabilities(predictor, files, fast=False)
     fast = probabilities(predictor, files, fast=True)
     diff = np.abs(full - fast)
     flips = int(np.sum((full >= predictor.threshold) != (fast >= predictor.threshold)))
     print(
-        f"{name}: {len(files)} files; |p_fast - p_full| max {diff.max():.4f}, mean {diff.mean():.5f}; "
-        f"labels changed: {flips}"
+        f"{name}: {len(files)} files; |p_fast - p_full| max {diff.max():.4f}, mean {diff.mean():.5f}, "
+        f"over 0.02: {int(np.sum(diff > 0.02))}; labels changed: {flips}"
+    )
+    noisy = np.abs(rounding_floor(predictor, files) - full)
+    print(
+        f"  rounding floor (full decode, +-1 grey level before equalisation): max {noisy.max():.4f}, "
+        f"mean {noisy.mean():.5f}, over 0.02: {int(np.sum(noisy > 0.02))}"
     )
     if labels is not None:
         for tag, p in (("full decode", full), ("fast decode", fast)):

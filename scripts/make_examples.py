@@ -40,7 +40,7 @@ from watcher.splits import list_samples, split_samples  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 OUT = ROOT / "docs" / "img"
-THUMB = 384  # the daemon may use up to 512 px; smaller keeps docs/img light
+THUMB = 384  # larger than the daemon's 256 px overlays, for a legible README picture
 
 
 def thumbnail(img: GreyImage, size: int = THUMB) -> GreyImage:
@@ -74,7 +74,7 @@ def heatmap_examples(pred: Predictor, cam: GradCam) -> None:
     for name, path in (("normal", normal), ("pneumonia", pneumonia)):
         ((image, prob, cam_map),) = explain_files(pred, cam, [path])
         label = pred.label_for(prob)
-        png = overlay_png(thumbnail(image), cam_map, label, prob, pred.threshold)
+        png = overlay_png(thumbnail(image), cam_map, label, prob, pred.threshold, compress=True)
         write_overlay(OUT / f"heatmap_{name}.png", png)
         print(
             f"heatmap_{name}.png: {path.name} {image.shape[1]}x{image.shape[0]} -> {label} p={prob:.3f}, "

@@ -257,11 +257,14 @@ def main() -> int:
             if key == "raw" or cond in TTA_CONDITIONS
         }
     results["era"]["n"] = {"fit": int((~older).sum()), "measure": int(older.sum())}
-    # drift monitor on streams built from validation scores (v0002 as served)
+    # drift monitor on streams built from validation scores (as the version serves them)
     meta = model_store.read_metadata(args.store, args.version)
     metrics = model_store.read_json(args.store, args.version, model_store.METRICS_FILE)
     ref = drift.reference_from_metadata(meta, metrics)
-    served = {c: calibrate(s[f"raw:{c}"], float(meta["temperature"])) for c in conditions}
+    served = {
+        c: calibrate(s[f"raw:{c}"], float(meta["temperature"]), float(meta.get("logit_shift", 0.0)))
+        for c in conditions
+    }
     rng = np.random.default_rng(7)
     for cond in conditions:
         fired = 0

@@ -79,6 +79,65 @@ class TestModels:
         assert 1 == bad.returncode
         assert "no published version" in bad.stderr
 
+    def test_import_publishes_a_version_trained_elsewhere(self, store: Path, tmp_path: Path) -> None:
+        """models import copies a version folder from another store as the next version, records
+        where it came from, promotes only when asked, and refuses a folder that is not a model."""
+        import hashlib
+        import shutil
+
+        mine, other = tmp_path / "store", tmp_path / "other"
+        shutil.copytree(store, mine)
+        shutil.copytree(store, other)
+        source = other / "v0001"
+        before = sorted(p.name for p in mine.iterdir())
+        proc = cli("models", "--store", str(mine), "import", str(source))
+        assert 0 == proc.returncode, proc.stderr
+        assert "v0003" == proc.stdout.strip()
+        assert "v0002" == (mine / "CURRENT").read_text().strip()  # not promoted
+        meta = json.loads((mine / "v0003" / "metadata.json").read_text())
+        assert "v0003" == meta["version"]
+        sha = hashlib.sha256((source / "model.keras").read_bytes()).hexdigest()
+        assert {"path": str(source.resolve()), "version": "v0001", "model_sha256": sha} == meta[
+            "imported_from"
+        ]
+        assert (source / "model.keras").read_bytes() == (mine / "v0003" / "model.keras").read_bytes()
+        promoted = cli("models", "--store", str(mine), "import", str(source), "--promote")
+        assert "v0004" == promoted.stdout.strip() == (mine / "CURRENT").read_text().strip()
+        pred = cli("predict", "--store", str(mine), str(fixture_images()[0]))
+        assert 0 == pred.returncode and ",v0004," in pred.stdout, pred.stderr
+
+        broken = tmp_path / "broken"
+        shutil.copytree(source, broken)
+        (broken / "model.keras").write_bytes(b"not a model")
+        bad = cli("models", "--store", str(mine), "import", str(broken))
+        assert 1 == bad.returncode
+        assert "cannot load" in bad.stderr
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        bad = cli("models", "--store", str(mine), "import", str(empty))
+        assert 1 == bad.returncode and "not a model version" in bad.stderr
+        after = sorted(p.name for p in mine.iterdir())
+        assert sorted([*before, "v0003", "v0004"]) == after  # no build folder left behind
+
+
+class TestTrainUsage:
+    def test_bad_architecture_and_tile_grid_are_usage_errors(self, tmp_path: Path) -> None:
+        """An unknown --arch, --clahe-tiles on an architecture without CLAHE or out of range:
+        exit 1 with one line saying why, no traceback, nothing published."""
+        store = tmp_path / "store"
+        store.mkdir()
+        cases = [
+            (("--arch", "foo"), "unknown architecture 'foo'"),
+            (("--arch", "seed", "--clahe-tiles", "4"), "does not use CLAHE"),
+            (("--clahe-tiles", "0"), "clahe_tiles must be 1 to 32"),
+        ]
+        for extra, message in cases:
+            proc = cli("train", "--data", str(TRAIN_FIXTURES), "--store", str(store), *extra)
+            assert 1 == proc.returncode, proc.stderr
+            assert message in proc.stderr
+            assert "Traceback" not in proc.stderr
+        assert [] == list(store.iterdir())
+
 
 class TestEvaluate:
     def test_json_metrics_on_a_labelled_folder(self, store: Path, tmp_path: Path) -> None:

@@ -180,6 +180,20 @@ class TestPreprocess:
         with pytest.raises(ValueError, match="bad preprocessing spec"):
             PreprocessSpec.from_dict({**spec.to_dict(), "gamma": 2})
 
+    def test_clahe_tiles_travel_in_metadata_and_default_to_eight(self) -> None:
+        """The tile grid is part of the stored spec; metadata written before it existed means 8x8."""
+        spec = PreprocessSpec(128, 128, equalize="clahe", clahe_tiles=4)
+        assert 4 == PreprocessSpec.from_dict(spec.to_dict()).clahe_tiles
+        old = {k: v for k, v in spec.to_dict().items() if k != "clahe_tiles"}
+        assert 8 == PreprocessSpec.from_dict(old).clahe_tiles
+        with pytest.raises(ValueError, match="clahe_tiles must be 1 to 32"):
+            PreprocessSpec.from_dict({**spec.to_dict(), "clahe_tiles": 0})
+        img = decode_image(FULLRES[0])
+        four, eight = (
+            preprocess(img, PreprocessSpec(128, 128, equalize="clahe", clahe_tiles=t)) for t in (4, 8)
+        )
+        assert not np.array_equal(four, eight)  # the grid is applied, not ignored
+
     def test_rejects_non_uint8(self) -> None:
         """The pixel contract is uint8 in."""
         with pytest.raises(ValueError, match="uint8"):

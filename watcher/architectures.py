@@ -47,7 +47,7 @@ ARCHS: dict[str, ArchDefaults] = {
         "Dropout 0.5, Dense 512 relu, Dense 1 sigmoid",
     ),
     "dsnet": ArchDefaults(
-        spec=PreprocessSpec(128, 128, equalize="clahe"),
+        spec=PreprocessSpec(128, 128, equalize="clahe", clahe_tiles=4),
         epochs=30,
         batch_size=32,
         learning_rate=2e-3,

@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop training before an epoch would end past this wall time",
     )
+    tr.add_argument(
+        "--clahe-tiles",
+        type=int,
+        metavar="N",
+        help="CLAHE tile grid N x N (default: the architecture's; dsnet 4, v0002 was trained with 8)",
+    )
     tr.add_argument("--promote", action="store_true", help="make the new version current whatever it scores")
 
     models = sub.add_parser("models", help="list, promote or roll back model versions")
@@ -85,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     promote = msub.add_parser("promote", help="make VERSION current")
     promote.add_argument("version")
     msub.add_parser("rollback", help="go back to the version promoted before the current one")
+    imp = msub.add_parser(
+        "import", help="publish a version folder trained elsewhere (a GPU machine, a scratch store)"
+    )
+    imp.add_argument("source", type=Path, help="a version folder: model.keras + metadata.json")
+    imp.add_argument("--promote", action="store_true", help="make it current")
 
     chk = sub.add_parser("check", help="check the config and the current model; exit 0 or 1")
     with_config(chk)
@@ -221,7 +232,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if args.arch:
         kwargs["arch"] = args.arch
-    version = train(TrainOptions(**kwargs))
+    if args.clahe_tiles is not None:
+        import dataclasses
+
+        from watcher.architectures import DEFAULT_ARCH, defaults
+
+        arch = args.arch or DEFAULT_ARCH
+        try:
+            spec = defaults(arch).spec
+        except ValueError as exc:
+            raise WatcherError(str(exc)) from exc
+        if spec.equalize != "clahe":
+            raise WatcherError(f"--clahe-tiles: architecture {arch!r} does not use CLAHE")
+        try:
+            kwargs["spec"] = dataclasses.replace(spec, clahe_tiles=args.clahe_tiles)
+        except ValueError as exc:
+            raise WatcherError(f"--clahe-tiles: {exc}") from exc
+    try:
+        opts = TrainOptions(**kwargs)
+        from watcher.architectures import defaults
+
+        defaults(opts.arch)  # an unknown name is a usage error, not a traceback
+    except ValueError as exc:
+        raise WatcherError(str(exc)) from exc
+    version = train(opts)
     print(version)
     return 0
 
@@ -234,6 +268,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "rollback":
         print(model_store.rollback(store))
+        return 0
+    if args.action == "import":
+        version = model_store.import_version(store, args.source)
+        if args.promote:
+            model_store.set_current(store, version, reason=f"imported from {args.source}")
+        print(version)
         return 0
     try:
         current = model_store.current_version(store)

@@ -38,6 +38,11 @@ class PreprocessSpec:
     scaling: Literal["unit"] = "unit"
     equalize: Literal["none", "clahe"] = "none"
     effective_size: int = 0  # >0: squeeze through this resolution first (hides sharpness)
+    clahe_tiles: int = 8  # CLAHE's tile grid per side (v0002 and earlier: 8, the OpenCV default)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.clahe_tiles <= 32:
+            raise ValueError(f"clahe_tiles must be 1 to 32, got {self.clahe_tiles}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored in metadata.json."""
@@ -48,7 +53,7 @@ class PreprocessSpec:
         """Read the JSON form; unknown fields are an error, not silently dropped."""
         try:
             return cls(**raw)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"bad preprocessing spec {raw!r}: {exc}") from exc
 
 
@@ -298,12 +303,12 @@ def resize(img: GreyImage, height: int, width: int) -> GreyImage:
     return np.asarray(cv2.resize(img, (width, height), interpolation=interp), dtype=np.uint8)
 
 
-def equalize(img: GreyImage, method: str) -> GreyImage:
-    """Contrast normalisation: 'none' or 'clahe' (clip 2.0, 8x8 tiles)."""
+def equalize(img: GreyImage, method: str, tiles: int = 8) -> GreyImage:
+    """Contrast normalisation: 'none' or 'clahe' (clip 2.0, ``tiles`` x ``tiles`` tiles)."""
     if method == "none":
         return img
     if method == "clahe":
-        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))  # not shared: not thread-safe
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(tiles, tiles))  # not shared: not thread-safe
         return np.asarray(clahe.apply(img), dtype=np.uint8)
     raise ValueError(f"unknown equalize method {method!r} (expected 'none' or 'clahe')")
 
@@ -320,7 +325,7 @@ def preprocess(img: GreyImage, spec: PreprocessSpec) -> ModelInput:
     if spec.effective_size > 0:
         img = resize(img, spec.effective_size, spec.effective_size)
     img = resize(img, spec.height, spec.width)
-    img = equalize(img, spec.equalize)
+    img = equalize(img, spec.equalize, spec.clahe_tiles)
     if spec.scaling != "unit":
         raise ValueError(f"unknown scaling {spec.scaling!r} (expected 'unit')")
     return scale_to_unit(img)[:, :, np.newaxis]
