@@ -322,3 +322,61 @@ class TestSystemdNotify:
         assert "v0001" in messages[0]
         assert sum("WATCHDOG=1" in m for m in messages) >= 2
         assert "STOPPING=1" == messages[-1]
+
+    def test_a_wedged_reporter_stops_the_watchdog_pings(
+        self, make_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The inference thread feeds the watchdog only while the reporter (rows, moves) makes
+        progress: with the reporter stuck inside a batch no WATCHDOG=1 goes out, so systemd
+        would restart the service; once it moves again the pings resume and the row lands."""
+        import os
+        import socket
+
+        import watcher.service as service_module
+
+        sock_path = tmp_path / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(sock_path))
+        sock.settimeout(0.05)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        entered, release = threading.Event(), threading.Event()
+        real = service_module.population_warning
+
+        def stuck(*args: object) -> str:  # stands for a write that hangs (a dead NFS server)
+            entered.set()
+            release.wait(30)
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(service_module, "population_warning", stuck)
+        cfg = make_config()
+        svc = Service(cfg)
+        t = threading.Thread(target=svc.run)
+        t.start()
+
+        def pings_during(seconds: float) -> int:
+            n, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                with contextlib.suppress(TimeoutError):
+                    n += "WATCHDOG=1" in sock.recv(4096).decode()
+            return n
+
+        try:
+            deadline = time.monotonic() + 120
+            while not (cfg.work_dir / "lock").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pings_during(1.0) >= 3  # idle: pinged every 0.2 s
+            shutil.copy(fixture_images()[0], cfg.inbox / "a.jpeg")
+            assert entered.wait(30), "the reporter never reached the row"
+            pings_during(0.5)  # the last pings before the reporter's beat goes stale
+            assert 0 == pings_during(1.5)
+            release.set()
+            assert pings_during(1.0) >= 2
+            wait_for(lambda: len(rows_of(cfg)) == 1, 30, "the row after the reporter moved again")
+        finally:
+            release.set()
+            svc.request_stop()
+            t.join(60)
+            sock.close()
+        assert not t.is_alive()

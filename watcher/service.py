@@ -895,7 +895,8 @@ class Service:
             report = batch.drift.update(np.array([p.probability for p in scored.values()]))
             if report is not None:
                 fields = report.to_fields()
-                self._drift_message = str(fields.get("message", "score drift"))
+                if batch.drift is self._drift:  # not a version swapped out meanwhile
+                    self._drift_message = str(fields.get("message", "score drift"))
                 log.warning("score_drift", model_version=predictor.version, **fields)
         log.info(
             "batch_done",
