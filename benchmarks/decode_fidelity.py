@@ -16,6 +16,7 @@ far the model's answers move for a change no larger than rounding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from watcher.imaging import decode, equalize, input_floor, preprocess, resize, scale_to_unit
+from watcher.imaging import decode, input_floor, preprocess, resize
 from watcher.inference import Predictor
 
 
@@ -48,6 +49,7 @@ def rounding_floor(predictor: Predictor, files: list[Path], seed: int = 0) -> np
     correct resampler could produce), to read the fast path's differences against.
     """
     spec, rng, out = predictor.spec, np.random.default_rng(seed), []
+    resized = dataclasses.replace(spec, effective_size=0)
     for i in range(0, len(files), 64):
         batch = []
         for p in files[i : i + 64]:
@@ -56,7 +58,7 @@ def rounding_floor(predictor: Predictor, files: list[Path], seed: int = 0) -> np
                 img = resize(img, spec.effective_size, spec.effective_size)
             img = resize(img, spec.height, spec.width)
             img = np.clip(img.astype(np.int16) + rng.integers(-1, 2, img.shape), 0, 255).astype(np.uint8)
-            batch.append(scale_to_unit(equalize(img, spec.equalize, spec.clahe_tiles))[:, :, np.newaxis])
+            batch.append(preprocess(img, resized))  # already at size: equalise and scale only
         out.append(predictor.probabilities(np.stack(batch)))
     return np.concatenate(out)
 

@@ -137,14 +137,14 @@ def ceiling(datas: list[bytes], predictor: Predictor, workers: int) -> tuple[flo
     return decode_rate, model_ceiling(inputs, predictor)
 
 
-def dicom_bytes(path: Path) -> bytes:
-    """An explicit VR little endian 8-bit DX DICOM of a JPEG's pixels (pydicom)."""
+def dicom_of(image: np.ndarray, age: str = "") -> bytes:
+    """An explicit VR little endian 8-bit DX chest DICOM of a grey image (pydicom); no PHI but
+    the optional patient age. Also used by scripts/make_examples.py."""
     import io
 
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -154,10 +154,12 @@ def dicom_bytes(path: Path) -> bytes:
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
-    ds.Rows, ds.Columns = img.shape
+    if age:
+        ds.PatientAge = age
+    ds.Rows, ds.Columns = image.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = img.tobytes()
+    ds.PixelData = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -256,7 +258,7 @@ def main() -> int:
     results["model_files_s"] = (results["model_before"] + results["model_after"]) / 2
     results["ceiling_before"], results["ceiling_after"] = (1 / (1 / dec + 1 / mod) for dec, mod in ceilings)
     results["ceiling_files_s"] = (results["ceiling_before"] + results["ceiling_after"]) / 2
-    dcm = [dicom_bytes(p) for p in originals]
+    dcm = [dicom_of(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for p in originals]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cores) as pool:
         list(pool.map(lambda b: decode(b).image, dcm))

@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.throughput import dicom_of  # noqa: E402
 from watcher.explain import GradCam, border_mass_fraction, overlay_png, write_overlay  # noqa: E402
 from watcher.imaging import GreyImage, decode_image, preprocess, resize  # noqa: E402
 from watcher.inference import Predictor, calibrate  # noqa: E402
@@ -97,31 +98,6 @@ def chromium_screenshot(page: Path, shot: Path, height: int) -> None:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
 
-def _dicom(image: GreyImage, age: str) -> bytes:
-    """An explicit VR little endian DX chest file of ``image`` with a patient age (no other PHI)."""
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.BodyPartExamined, ds.PatientAge = "DX", "CHEST", age
-    ds.Rows, ds.Columns = image.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = image.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def review_example(store: Path) -> None:
     """The page a live daemon writes: `xray-watcher run --once` with heat maps on, fixtures in."""
     import shutil
@@ -139,7 +115,7 @@ def review_example(store: Path) -> None:
             shutil.copy(p, site / "inbox" / p.name)
         (site / "inbox" / "scan_0042.jpeg").write_bytes(fixtures[0].read_bytes()[:3000])  # truncated
         adult = cv2.imread(str(fixtures[-1]), cv2.IMREAD_GRAYSCALE)
-        (site / "inbox" / "CR000117").write_bytes(_dicom(adult, "058Y"))  # DICOM without extension
+        (site / "inbox" / "CR000117").write_bytes(dicom_of(adult, "058Y"))  # DICOM without extension
         config = {
             "inbox": "inbox", "processed": "processed", "failed": "failed", "results": "results.csv",
             "model_store": str(store.resolve()), "instance_id": "example", "log": {"level": "warning"},

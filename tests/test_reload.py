@@ -68,7 +68,7 @@ class TestSwapBetweenDecodeAndInference:
             assert item.model_input is not None and (32, 32, 1) == item.model_input.shape
             items.append(item)
         svc.predictor = new  # what _maybe_reload does when a new version is promoted
-        svc._finish(items)
+        svc._report(svc._infer(items))  # stages 2 and 3, in this thread
         rows = [dict(r) for r in read_rows(cfg.results)]
         assert [new_version] * 3 == [r["model_version"] for r in rows]
         assert ["ok"] * 3 == [r["status"] for r in rows], [r["error"] for r in rows]

@@ -219,6 +219,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from watcher.architectures import DEFAULT_ARCH, defaults
     from watcher.train import TrainOptions, train
 
     kwargs = {
@@ -230,32 +233,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         "split": args.split,
         "time_budget_s": args.time_budget,
     }
-    if args.arch:
-        kwargs["arch"] = args.arch
+    arch = kwargs["arch"] = args.arch or DEFAULT_ARCH
+    try:
+        spec = defaults(arch).spec  # an unknown name is a usage error, not a traceback
+    except ValueError as exc:
+        raise WatcherError(str(exc)) from exc
     if args.clahe_tiles is not None:
-        import dataclasses
-
-        from watcher.architectures import DEFAULT_ARCH, defaults
-
-        arch = args.arch or DEFAULT_ARCH
-        try:
-            spec = defaults(arch).spec
-        except ValueError as exc:
-            raise WatcherError(str(exc)) from exc
         if spec.equalize != "clahe":
             raise WatcherError(f"--clahe-tiles: architecture {arch!r} does not use CLAHE")
         try:
             kwargs["spec"] = dataclasses.replace(spec, clahe_tiles=args.clahe_tiles)
         except ValueError as exc:
             raise WatcherError(f"--clahe-tiles: {exc}") from exc
-    try:
-        opts = TrainOptions(**kwargs)
-        from watcher.architectures import defaults
-
-        defaults(opts.arch)  # an unknown name is a usage error, not a traceback
-    except ValueError as exc:
-        raise WatcherError(str(exc)) from exc
-    version = train(opts)
+    version = train(TrainOptions(**kwargs))
     print(version)
     return 0
 

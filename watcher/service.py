@@ -162,7 +162,6 @@ class Scored:
     drift: drift.DriftMonitor | None  # and its drift monitor
     started: float  # time.monotonic() when inference began
     infer_s: float
-    n_scored: int
 
 
 THUMB_SIDE = 256  # longest side of the radiograph kept for a heat map overlay (PNG cost ~ pixels)
@@ -788,10 +787,6 @@ class Service:
         base = self.cfg.source.parent if self.cfg.source is not None else Path.cwd()
         return os.path.relpath(path, base)
 
-    def _finish(self, items: list[Item]) -> None:
-        """Score, report and file one batch in this thread (stages 2 and 3 back to back)."""
-        self._report(self._infer(items))
-
     def _infer(self, items: list[Item]) -> Scored:
         """Stage 2: predictions (and Grad-CAM maps) for a decoded batch, with what goes with them."""
         predictor = self.predictor
@@ -814,7 +809,6 @@ class Service:
             drift=self._drift,
             started=t0,
             infer_s=time.monotonic() - t0,
-            n_scored=len(good),
         )
 
     def _report(self, batch: Scored) -> None:
@@ -880,7 +874,7 @@ class Service:
             n_ok,
             len(rows) - n_ok,
             time.monotonic() - t0,
-            batch.infer_s / max(1, batch.n_scored),
+            batch.infer_s / max(1, len(scored)),
             [i.decode_s for i in fresh],
         )
         self.counts["ok"] += n_ok
