@@ -19,6 +19,7 @@ from watcher.explain import (
     border_mass_fraction,
     find_last_conv_block,
     overlay_png,
+    upsample_map,
     write_overlay,
 )
 from watcher.imaging import PreprocessSpec, decode_image, preprocess
@@ -129,6 +130,22 @@ class TestGradCam:
         assert np.isfinite(maps).all()
         assert 0.0 <= float(maps.min())
         np.testing.assert_allclose(np.ones(len(maps)), maps.max(axis=(1, 2)), atol=1e-6)
+
+    def test_grid_maps_are_what_gets_upsampled(
+        self, shipped: tuple[Any, Any, Any], explained: tuple[GradCam, np.ndarray, np.ndarray]
+    ) -> None:
+        """``upsample=False`` gives the last block's grid (dsnet: 8x8), peak 1, same scores;
+        bilinear upsampling of it is the input-size map."""
+        cam, probs, maps = explained
+        batch = shipped[2]
+        raw, grid = cam.predict_and_explain(batch, upsample=False)
+        assert (len(batch), 8, 8) == grid.shape == (len(batch), *cam.grid)
+        np.testing.assert_allclose(probs, raw, atol=1e-6)
+        np.testing.assert_allclose(np.ones(len(grid)), grid.max(axis=(1, 2)), atol=1e-6)
+        np.testing.assert_allclose(maps, np.stack([upsample_map(g, 128, 128) for g in grid]), atol=1e-6)
+        assert ((0,), (0, 8, 8)) == tuple(
+            a.shape for a in cam.predict_and_explain(np.zeros((0, 128, 128, 1), np.float32), upsample=False)
+        )
 
     def test_no_retracing_across_batch_sizes(self, explained: tuple[GradCam, np.ndarray, np.ndarray]) -> None:
         """The fixed input signature serves every batch size with one trace."""
@@ -245,6 +262,22 @@ class TestOverlay:
         box = decoded[:20, :60]
         assert box.min() < 80 and box.max() > 230
 
+    def test_no_evidence_shows_the_plain_radiograph(self) -> None:
+        """A zero map leaves every pixel outside the label box exactly the radiograph's grey;
+        a full map tints it at most ``max_alpha`` of the way to the colour map's top."""
+        image = np.tile(np.arange(256, dtype=np.uint8), (200, 1))
+        plain = cv2.imdecode(
+            np.frombuffer(overlay_png(image, np.zeros((8, 8)), "NORMAL", 0.1, 0.5), np.uint8), 1
+        )
+        below_box = (slice(60, None), slice(None))
+        assert np.array_equal(np.repeat(image[..., None], 3, axis=2)[below_box], plain[below_box])
+        hot = cv2.imdecode(
+            np.frombuffer(overlay_png(image, np.ones((8, 8)), "PNEUMONIA", 0.9, 0.5), np.uint8), 1
+        )
+        top = cv2.applyColorMap(np.full((1, 1), 255, np.uint8), cv2.COLORMAP_INFERNO)[0, 0].astype(float)
+        expected = image[..., None] * 0.4 + top * 0.6
+        assert np.abs(hot[below_box].astype(float) - expected[below_box]).max() <= 1.5
+
     def test_nan_map_and_bad_input(self) -> None:
         """NaN in the map is drawn as no evidence; a colour image is a ValueError."""
         image = np.zeros((64, 64), np.uint8)
@@ -260,6 +293,16 @@ class TestOverlay:
         assert b"\x89PNG second" == target.read_bytes()
         assert ["a.png"] == os.listdir(target.parent)
         assert 0o644 == target.stat().st_mode & 0o777
+
+    def test_overlay_is_readable_by_others_whatever_the_umask(self, tmp_path: Path) -> None:
+        """The service runs with UMask=0027; the review page is read by others on a share."""
+        old = os.umask(0o077)
+        try:
+            write_overlay(tmp_path / "b.png", b"\x89PNG", durable=False)
+        finally:
+            os.umask(old)
+        assert 0o644 == (tmp_path / "b.png").stat().st_mode & 0o777
+        assert ["b.png"] == os.listdir(tmp_path)
 
 
 def test_real_overlay_of_a_fixture(explained: tuple[GradCam, np.ndarray, np.ndarray], tmp_path: Path) -> None:

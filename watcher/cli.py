@@ -198,7 +198,7 @@ def _predict_with_heatmap(predictor: Any, explainer: Any, item: Any, folder: Pat
     from watcher.explain import overlay_png, write_overlay
     from watcher.filing import plan_destination
 
-    raw, cams = explainer.predict_and_explain(item.model_input[np.newaxis])
+    raw, cams = explainer.predict_and_explain(item.model_input[np.newaxis], upsample=False)
     (pred,) = predictor.predictions(raw)
     dest = plan_destination(folder / pred.label, PurePosixPath(item.path.name + ".png"), item.sha256)
     write_overlay(dest, overlay_png(item.thumb, cams[0], pred.label, pred.probability, predictor.threshold))

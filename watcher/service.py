@@ -751,7 +751,9 @@ class Service:
             try:
                 self._explainer = GradCam(predictor.model)
                 spec = predictor.spec
-                self._explainer.predict_and_explain(np.zeros((1, spec.height, spec.width, 1), np.float32))
+                self._explainer.predict_and_explain(
+                    np.zeros((1, spec.height, spec.width, 1), np.float32), upsample=False
+                )
             except ExplainError as exc:
                 log.error("heatmaps_unavailable", model_version=predictor.version, error=str(exc))
 
@@ -763,7 +765,8 @@ class Service:
         batch = np.stack(inputs).astype(np.float32, copy=False)
         if self._explainer is not None:
             try:
-                raw, cams = self._explainer.predict_and_explain(batch)
+                # maps on the last block's grid: overlay_png resizes them onto the thumbnail
+                raw, cams = self._explainer.predict_and_explain(batch, upsample=False)
                 return predictor.predictions(raw), list(cams)
             except Exception as exc:  # heat maps never fail a row
                 log.error("heatmap_failed", error=f"{type(exc).__name__}: {exc}", n_files=len(good))
