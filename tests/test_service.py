@@ -18,7 +18,7 @@ from tests.harness import Daemon, wait_for
 from watcher.config import Config
 from watcher.errors import WatcherError
 from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
-from watcher.service import Service
+from watcher.service import Service, thumbnail
 
 
 def rows_of(cfg: Config) -> list[dict[str, str]]:
@@ -27,6 +27,31 @@ def rows_of(cfg: Config) -> list[dict[str, str]]:
 
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((750, 1000), (192, 256)),  # two halvings, then bilinear
+        ((1001, 777), (256, 199)),  # odd sizes: the last row and column dropped at each halving
+        ((512, 512), (256, 256)),  # exactly twice: one halving, nothing else
+        ((300, 200), (256, 171)),  # under twice: bilinear only
+        ((100, 60), (100, 60)),  # small: a copy, never enlarged
+        ((4000, 3), (256, 1)),  # a sliver keeps at least one pixel
+    ],
+)
+def test_thumbnail_size_and_content(shape: tuple[int, int], expected: tuple[int, int]) -> None:
+    """The longest side is at most 256, the aspect kept, the grey levels too; never a view."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(120, 30, shape), 0, 255).astype(np.uint8)
+    thumb = thumbnail(image)
+    assert expected == thumb.shape
+    assert np.uint8 == thumb.dtype
+    assert abs(float(thumb.mean()) - float(image.mean())) < 2.0
+    thumb[...] = 0
+    assert image.any()  # writing to the thumbnail leaves the radiograph alone
 
 
 class TestRunOnce:

@@ -52,7 +52,7 @@ from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, ReportError, WatcherError
 from watcher.filing import destination_root, link_into, plan_destination
 from watcher.fsutil import fsync_dir, try_lock
-from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, input_floor, preprocess, resize
+from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, input_floor, preprocess
 from watcher.inference import Prediction, Predictor
 from watcher.ingest import Ingest
 from watcher.logs import capture_library_warnings, configure_logging
@@ -170,17 +170,22 @@ THUMB_SIDE = 256  # longest side of the radiograph kept for a heat map overlay (
 def thumbnail(image: GreyImage, side: int = THUMB_SIDE) -> GreyImage:
     """A copy of ``image`` whose longest side is at most ``side``, for display only.
 
-    Area averaging when shrinking by more than half; bilinear otherwise (the usual case: a
-    DCT-scaled decode is already near the size), 7x cheaper and alike to the eye.
+    Exact halvings by 2x2 averaging while the image is more than twice too large (OpenCV's
+    integer-factor area path; an odd last row or column is dropped), then bilinear: alike to
+    the eye to one area resize, and 10x cheaper when a decode comes out 3-4x the thumbnail
+    (0.15 instead of 2.0 ms from 1000x750 on this project's machine).
     """
-    h, w = image.shape
+    out = image
+    while max(out.shape) >= 2 * side and min(out.shape) >= 2:
+        h, w = out.shape
+        half = cv2.resize(out[: h - h % 2, : w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        out = np.asarray(half, dtype=np.uint8)
+    h, w = out.shape
     scale = min(1.0, side / max(h, w))
     if scale >= 1.0:
-        return image.copy()
+        return out.copy() if out is image else out
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if scale < 0.5:
-        return resize(image, size[1], size[0])
-    return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    return np.asarray(cv2.resize(out, size, interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
 
 
 def load_item(
