@@ -424,6 +424,13 @@ mkdir -p "$stage/tmp"
 mount -t tmpfs -o mode=1777 tmpfs "$stage/tmp"
 mkdir -p "$stage/tmp/${svc#/tmp/}"
 mount --rbind "$svc" "$stage/tmp/${svc#/tmp/}"
+# and the interpreter, venv and code where they live under /tmp (a checkout there; installed,
+# they are under /opt)
+IFS=:
+for k in $keep; do
+    case $k/ in /tmp/*) mkdir -p "$stage/tmp/${k#/tmp/}"; mount --rbind "$k" "$stage/tmp/${k#/tmp/}" ;; esac
+done
+unset IFS
 mount --rbind "$stage/tmp" /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 # ProtectProc=invisible, ProcSubset=pid (a new pid namespace may mount its own /proc)
