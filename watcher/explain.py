@@ -283,9 +283,10 @@ def write_overlay(path: Path, png: bytes, durable: bool = True) -> None:
     lose the newest ones, but never leaves a half-written one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp name: this process's random token and a counter (unique without the retries
-    # of mkstemp's random names); O_EXCL still refuses a clash rather than share a file
-    tmp = path.parent / f".{path.name}.{_TMP_TOKEN}.{next(_TMP_SEQ)}.tmp"
+    # the temp name: a random token, the process id (a forked child keeps the token) and a
+    # counter: unique without the retries of mkstemp's random names; O_EXCL still refuses a
+    # clash rather than share a file
+    tmp = path.parent / f".{path.name}.{_TMP_TOKEN}-{os.getpid()}.{next(_TMP_SEQ)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         try:
