@@ -19,9 +19,7 @@ onto a grey radiograph and returns PNG bytes; ``write_overlay`` stores them atom
 from __future__ import annotations
 
 import functools
-import itertools
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from watcher.fsutil import fsync_dir
+from watcher.fsutil import atomic_write_bytes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CamArray = npt.NDArray[np.float32]
-
-_TMP_TOKEN = secrets.token_hex(4)  # per process: temp names of two daemons on a share differ
-_TMP_SEQ = itertools.count()  # next() on it is atomic in CPython: threads get distinct numbers
 
 # Layers that end a convolutional trunk: after them the maps are no longer spatial.
 _CONV_CLASS_NAMES = frozenset({"Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose"})
@@ -278,32 +273,13 @@ def overlay_png(
 def write_overlay(path: Path, png: bytes, durable: bool = True) -> None:
     """Write PNG bytes so readers see the old file or the new one, never half of one.
 
-    ``durable=False`` skips the two fsyncs (file and folder): the daemon writes a heat map per
-    file and treats them as derived pictures (results.csv is the record), so a power cut may
-    lose the newest ones, but never leaves a half-written one.
+    Readable by all (the review page is opened from a share); the parent folders are made.
+    ``durable=False`` skips the fsyncs: the daemon writes a heat map per file and treats them
+    as derived pictures (results.csv is the record), so a power cut may lose the newest ones,
+    but never leaves a half-written one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp name: a random token, the process id (a forked child keeps the token) and a
-    # counter: unique without the retries of mkstemp's random names; O_EXCL still refuses a
-    # clash rather than share a file
-    tmp = path.parent / f".{path.name}.{_TMP_TOKEN}-{os.getpid()}.{next(_TMP_SEQ)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(png)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, 0o644)  # whatever the umask: the page is read by others on a share
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(path.parent)
+    atomic_write_bytes(path, png, mode=0o644, durable=durable)
 
 
 def border_mass_fraction(cam: npt.NDArray[np.floating[Any]], border: float = 0.10) -> float:

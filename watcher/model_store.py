@@ -195,42 +195,27 @@ def rollback(store: Path) -> str:
 def import_version(store: Path, source: Path) -> str:
     """Publish a version folder trained elsewhere (another store) as this store's next version.
 
-    The folder must hold ``model.keras`` and ``metadata.json``; the model must load and take
-    the input its metadata describes (checked in a build folder before anything is
-    published). metadata.json gains ``imported_from``: the source folder, its version name
-    and the model file's sha256. Not made current: promote it as any other version.
+    The folder must hold ``model.keras`` and ``metadata.json``; copied into a build folder, it
+    must pass what serving checks (``watcher.inference.Predictor``: usable metadata, a model
+    that loads and takes the input its metadata describes) before anything is published.
+    metadata.json gains ``imported_from``: the source folder, its version name and the model
+    file's sha256. Not made current: promote it as any other version.
     """
-    from watcher.imaging import PreprocessSpec
+    from watcher.inference import Predictor
 
     source = source.resolve()
     for name in (MODEL_FILE, METADATA_FILE):
         if not (source / name).is_file():
             raise ModelStoreError(f"{source} is not a model version: it has no {name}")
-    try:
-        metadata = json.loads((source / METADATA_FILE).read_text(encoding="utf-8"))
-        spec = PreprocessSpec.from_dict(metadata["preprocessing"])
-        threshold = float(metadata["threshold"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelStoreError(f"{source / METADATA_FILE} is not usable metadata: {exc}") from exc
-    if not 0.0 < threshold < 1.0:
-        raise ModelStoreError(f"{source / METADATA_FILE}: threshold {threshold} is not in (0, 1)")
     build = new_build_dir(store)
     try:
         for entry in source.iterdir():
             if entry.is_file() and not entry.is_symlink():
                 shutil.copy2(entry, build / entry.name)
-        import keras
-
         try:
-            model = keras.saving.load_model(build / MODEL_FILE, compile=False)
-        except Exception as exc:  # Keras raises many types for a bad file
-            raise ModelStoreError(f"cannot load {source / MODEL_FILE}: {exc}") from exc
-        expected = (spec.height, spec.width, 1)
-        if tuple(model.input_shape[1:]) != expected:
-            raise ModelStoreError(
-                f"{source / MODEL_FILE} takes input {tuple(model.input_shape[1:])} but its "
-                f"metadata.json describes {expected}"
-            )
+            metadata = Predictor(store, build.name).metadata
+        except ModelStoreError as exc:
+            raise ModelStoreError(f"{source} cannot be imported: {exc}") from exc
         digest = hashlib.sha256((build / MODEL_FILE).read_bytes()).hexdigest()
         metadata["imported_from"] = {
             "path": str(source),

@@ -307,8 +307,7 @@ aid, not a diagnosis.</p>
 def write_page(path: Path, page: str) -> None:
     """Write the page atomically (readers see the old page or the new one), readable by all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, page)
-    os.chmod(path, 0o644)  # the temp file was 0600; others open the page from a share
+    atomic_write_text(path, page, mode=0o644)  # others open the page from a share
 
 
 class ReviewPage:
