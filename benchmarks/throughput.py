@@ -11,7 +11,8 @@ Prints, in one run, on the same files (the 80 full-resolution originals of
 - single-file latency into an idle daemon: a file renamed into the inbox until its row is in
   results.csv, p50 and p95 over ``--singles`` files dropped 1.5 s apart;
 - end to end: all files renamed into the inbox of the running daemon at once, until the last
-  row (images/s), and the daemon's peak memory (VmHWM);
+  row (images/s), the daemon's peak memory (VmHWM) and its CPU time per file during the
+  burst (user and system, all threads, from /proc);
 - the seed's per-file loop: ``cv2.imread``, resize, ``model.predict`` on one image, with the
   seed architecture (v0001);
 - the decode-only ceiling (DCT-scaled JPEG decode + preprocess on every core) and the
@@ -56,6 +57,13 @@ def rows_in(path: Path) -> int:
             return max(0, fh.read().count(b'\n"20'))
     except FileNotFoundError:
         return 0
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def vm_hwm_mib(pid: int) -> float:
@@ -235,13 +243,18 @@ def main() -> int:
             # the burst
             rest = staged[args.singles :]
             before = rows_in(results_csv)
+            cpu0 = cpu_seconds(d.proc.pid)
             t0 = time.perf_counter()
             for p in rest:
                 p.rename(root / "inbox" / p.name)
             while rows_in(results_csv) < before + len(rest):
                 time.sleep(0.01)
             elapsed = time.perf_counter() - t0
+            cpu1 = cpu_seconds(d.proc.pid)
             results["e2e_files_s"] = len(rest) / elapsed
+            results["user_ms"], results["sys_ms"] = (
+                1000 * (b - a) / len(rest) for a, b in zip(cpu0, cpu1, strict=True)
+            )
             results["peak_rss_mib"] = vm_hwm_mib(d.proc.pid)
             time.sleep(1.0)
             ceilings.append(ceiling(probe, predictor, cores))
@@ -277,6 +290,8 @@ def main() -> int:
     print(f"{'single file into idle daemon, p95 (ms)':52} {r['latency_p95_ms']:10.0f}")
     print(f"{'end to end, drop -> row -> moved (images/s)':52} {r['e2e_files_s']:10.1f}")
     print(f"{'daemon peak memory, VmHWM (MiB)':52} {r['peak_rss_mib']:10.0f}")
+    cpu = f"{r['user_ms'] + r['sys_ms']:.2f}  (user {r['user_ms']:.2f}, system {r['sys_ms']:.2f})"
+    print(f"{'daemon CPU per file in the burst (ms)':52} {cpu:>10}")
     print(f"{'seed per-file loop (images/s)':52} {r['seed_loop_files_s']:10.1f}")
     both = "{:10.1f}  (before {:.1f}, after {:.1f} the burst)"
     print(f"{'decode + preprocess alone, all cores (images/s)':52} ", end="")
