@@ -239,7 +239,6 @@ def main() -> int:
             # flush what is still dirty (this run's staged copies, an earlier run's output), so
             # the kernel's write-back of them does not share the cores with what is measured
             os.sync()
-            time.sleep(1.0)
             # the ceiling right before and right after the burst (the daemon idle meanwhile):
             # this VM's speed drifts over a minute, so the ratio uses the mean of the two
             probe = [p.read_bytes() for p in staged[args.singles :][:CEILING_FILES]]
