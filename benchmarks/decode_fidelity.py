@@ -7,8 +7,10 @@ Usage (from the repo root; reads ../shared, never used by the tests):
 For the 80 full-resolution originals (``../shared/data/fullres``) and for the validation split
 the model version was chosen on (its ``training.split`` in metadata.json, rebuilt with
 ``watcher.splits``), every file is decoded twice: in full, and DCT-scaled to no less than twice
-the model input (what the daemon does). Prints the largest and mean probability difference,
-how many labels change, and the validation metrics of both decodes; beside them the
+the model input (what the daemon does first). Prints, for the fast decode alone and for what
+the daemon serves (a scaled decode scored in [m, 1 - m], m = ``decode.second_look_margin``, is
+decoded again in full and scored again), the largest and mean probability difference, how many
+labels change, and the validation metrics of the decodes; beside them the
 *rounding floor*: the same full decode with +-1 grey level of noise after resizing, i.e. how
 far the model's answers move for a change no larger than rounding.
 """
@@ -26,20 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from watcher.config import DecodeConfig
 from watcher.imaging import decode, input_floor, preprocess, resize
 from watcher.inference import Predictor
 
 
-def probabilities(predictor: Predictor, files: list[Path], fast: bool) -> np.ndarray:
+def probabilities(predictor: Predictor, files: list[Path], fast: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities, and whether each file was decoded DCT-scaled (never, for ``fast=False``)."""
     floor = input_floor(predictor.spec) if fast else (0, 0)
-    out = []
+    out, reduced = [], []
     for i in range(0, len(files), 64):
-        batch = [
-            preprocess(decode(p.read_bytes(), min_size=floor).image, predictor.spec)
-            for p in files[i : i + 64]
-        ]
+        batch = []
+        for p in files[i : i + 64]:
+            decoded = decode(p.read_bytes(), min_size=floor)
+            reduced.append(decoded.image.shape != (decoded.height, decoded.width))
+            batch.append(preprocess(decoded.image, predictor.spec))
         out.append(predictor.probabilities(np.stack(batch)))
-    return np.concatenate(out)
+    return np.concatenate(out), np.array(reduced, dtype=bool)
 
 
 def rounding_floor(predictor: Predictor, files: list[Path], seed: int = 0) -> np.ndarray:
@@ -63,22 +68,33 @@ def rounding_floor(predictor: Predictor, files: list[Path], seed: int = 0) -> np
     return np.concatenate(out)
 
 
-def report(name: str, predictor: Predictor, files: list[Path], labels: np.ndarray | None) -> None:
-    full = probabilities(predictor, files, fast=False)
-    fast = probabilities(predictor, files, fast=True)
-    diff = np.abs(full - fast)
-    flips = int(np.sum((full >= predictor.threshold) != (fast >= predictor.threshold)))
-    print(
-        f"{name}: {len(files)} files; |p_fast - p_full| max {diff.max():.4f}, mean {diff.mean():.5f}, "
-        f"over 0.02: {int(np.sum(diff > 0.02))}; labels changed: {flips}"
-    )
+def report(
+    name: str, predictor: Predictor, files: list[Path], labels: np.ndarray | None, margin: float
+) -> None:
+    full, _ = probabilities(predictor, files, fast=False)
+    fast, reduced = probabilities(predictor, files, fast=True)
+    # what the daemon serves: a scaled decode scored in [margin, 1 - margin] is decoded again in full
+    again = reduced & (margin > 0) & (fast >= margin) & (fast <= 1 - margin)
+    served = np.where(again, full, fast)
+    print(f"{name}: {len(files)} files, {int(reduced.sum())} decoded DCT-scaled")
+    for tag, p in (
+        ("fast decode alone", fast),
+        (f"served (second look in [{margin}, {1 - margin}])", served),
+    ):
+        diff = np.abs(full - p)
+        flips = int(np.sum((full >= predictor.threshold) != (p >= predictor.threshold)))
+        print(
+            f"  {tag}: |p - p_full| max {diff.max():.4f}, mean {diff.mean():.5f}, "
+            f"over 0.02: {int(np.sum(diff > 0.02))}; labels changed: {flips}"
+        )
+    print(f"  decoded again in full by the second look: {int(again.sum())} ({100 * again.mean():.1f}%)")
     noisy = np.abs(rounding_floor(predictor, files) - full)
     print(
         f"  rounding floor (full decode, +-1 grey level before equalisation): max {noisy.max():.4f}, "
         f"mean {noisy.mean():.5f}, over 0.02: {int(np.sum(noisy > 0.02))}"
     )
     if labels is not None:
-        for tag, p in (("full decode", full), ("fast decode", fast)):
+        for tag, p in (("full decode", full), ("fast decode alone", fast), ("served", served)):
             called = p >= predictor.threshold
             sens = float(np.mean(called[labels == 1]))
             spec = float(np.mean(~called[labels == 0]))
@@ -91,6 +107,9 @@ def main() -> int:
     ap.add_argument("--store", type=Path, default=Path("model_store"))
     ap.add_argument("--version")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument(
+        "--margin", type=float, default=DecodeConfig().second_look_margin, help="decode.second_look_margin"
+    )
     args = ap.parse_args()
     predictor = Predictor(args.store.resolve(), args.version)
     print(
@@ -98,7 +117,7 @@ def main() -> int:
         f"fast decode floor {input_floor(predictor.spec)}"
     )
     fullres = sorted((args.data / "fullres").rglob("*.jpeg"))
-    report("full-resolution originals", predictor, fullres, None)
+    report("full-resolution originals", predictor, fullres, None, args.margin)
 
     from watcher.splits import list_samples, split_samples
 
@@ -110,7 +129,11 @@ def main() -> int:
     )
     val = [samples[i] for i in sp.val]
     report(
-        f"validation ({sp.method} split)", predictor, [s.path for s in val], np.array([s.label for s in val])
+        f"validation ({sp.method} split)",
+        predictor,
+        [s.path for s in val],
+        np.array([s.label for s in val]),
+        args.margin,
     )
     return 0
 

@@ -46,6 +46,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from watcher.config import DecodeConfig  # noqa: E402
 from watcher.imaging import decode, input_floor, preprocess  # noqa: E402
 from watcher.inference import Predictor  # noqa: E402
 from watcher.runtime import usable_cores  # noqa: E402
@@ -181,6 +182,12 @@ def main() -> int:
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
     ap.add_argument("--heatmaps", action="store_true", help="run the daemon with explain.enabled")
     ap.add_argument("--batch", type=int, default=32, help="batch.max_size of the daemon (shipped: 32)")
+    ap.add_argument(
+        "--second-look-margin",
+        type=float,
+        default=DecodeConfig().second_look_margin,
+        help="decode.second_look_margin of the daemon (0: off; shipped: %(default)s)",
+    )
     args = ap.parse_args()
     originals = sorted(p for p in args.source.rglob("*.jpeg"))
     if not originals:
@@ -192,7 +199,8 @@ def main() -> int:
     print(
         f"model {predictor.version} ({predictor.metadata.get('architecture')}), {len(files)} files "
         f"({len(originals)} originals x {args.copies}), {cores} cores, heat maps "
-        f"{'on' if args.heatmaps else 'off'}, batch {args.batch}"
+        f"{'on' if args.heatmaps else 'off'}, batch {args.batch}, "
+        f"second look margin {args.second_look_margin}"
     )
 
     results: dict[str, float] = {}
@@ -208,7 +216,7 @@ def main() -> int:
             "model_store": str(args.store.resolve()),
             "instance_id": "bench",
             "batch": {"max_size": args.batch, "max_wait_ms": 500},
-            "decode": {"workers": cores},
+            "decode": {"workers": cores, "second_look_margin": args.second_look_margin},
             "log": {"level": "warning", "format": "json"},
             "explain": {"enabled": args.heatmaps},
             "review": {"page": ""},

@@ -25,22 +25,35 @@ FULLRES = sorted((FIXTURES / "fullres").glob("*.jpeg"))
 TINY_SPEC = PreprocessSpec(height=32, width=32)
 
 
-def build_tiny_model(bias: float = -10.0):  # type: ignore[no-untyped-def]
-    """A real Keras model whose output is sigmoid(20 * mean_brightness + bias): bright -> PNEUMONIA."""
+def build_tiny_model(bias: float = -10.0, weight: float = 20.0, conv: bool = False):  # type: ignore[no-untyped-def]
+    """A real Keras model whose output is sigmoid(weight * mean_brightness + bias): bright -> PNEUMONIA.
+
+    ``conv``: the same function through an identity 1x1 convolution first, for Grad-CAM.
+    """
     import keras
 
     inputs = keras.Input((TINY_SPEC.height, TINY_SPEC.width, 1))
-    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    x = inputs
+    if conv:
+        x = keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="zeros")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(1, activation="sigmoid")(x)
     model = keras.Model(inputs, out)
-    model.layers[-1].set_weights([np.array([[20.0]], dtype="float32"), np.array([bias], dtype="float32")])
+    model.layers[-1].set_weights([np.array([[weight]], dtype="float32"), np.array([bias], dtype="float32")])
     return model
 
 
-def publish_tiny(store: Path, bias: float = -10.0, threshold: float = 0.5, promote: bool = True) -> str:
+def publish_tiny(
+    store: Path,
+    bias: float = -10.0,
+    threshold: float = 0.5,
+    promote: bool = True,
+    weight: float = 20.0,
+    conv: bool = False,
+) -> str:
     """Publish a tiny model version into ``store`` and (optionally) make it current."""
     build = model_store.new_build_dir(store)
-    build_tiny_model(bias).save(build / model_store.MODEL_FILE)
+    build_tiny_model(bias, weight, conv).save(build / model_store.MODEL_FILE)
     meta = {
         "architecture": "tiny-test",
         "preprocessing": TINY_SPEC.to_dict(),

@@ -48,7 +48,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ from watcher.fsutil import fsync_dir, try_lock
 from watcher.imaging import PreprocessSpec
 from watcher.ingest import scan_inbox
 from watcher.report import COLUMNS, utc_now
-from watcher.service import Item, load_item, read_file
+from watcher.service import Item, full_decode_input, load_item, needs_second_look, read_file
 
 if TYPE_CHECKING:
     from watcher.inference import Predictor
@@ -163,6 +163,7 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
             "skip",
             "age_years",
             "age_text",
+            "second_look",
             *carried,
         )
     }
@@ -185,6 +186,7 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
         out["skip"].append(skip)
         out["age_years"].append(np.nan if item.age_years is None else float(item.age_years))
         out["age_text"].append(item.age_text)
+        out["second_look"].append(str(path) if item.reduced and not skip else "")  # may need a full decode
         for col in carried:
             out[col].append(_text(getattr(item, col)))
         model_input = item.model_input if item.model_input is not None and not skip else blank
@@ -198,12 +200,31 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
     return result
 
 
-def score_batch(predictor: Predictor, batch: Batch, instance: str) -> pa.Table:
-    """Stage 2: predict the decoded rows and build the output rows (skipped rows dropped)."""
+def score_batch(
+    predictor: Predictor, batch: Batch, instance: str, limits: DecodeConfig | None = None
+) -> pa.Table:
+    """Stage 2: predict the decoded rows and build the output rows (skipped rows dropped).
+
+    As in the daemon, a borderline score from a DCT-scaled decode is scored again from a full
+    decode (``limits.second_look_margin``).
+    """
+    limits = limits or DecodeConfig()
     keep = [i for i in range(len(batch["path"])) if not batch["skip"][i]]
     good = [i for i in keep if not batch["error"][i]]
     predictions = predictor.predict([batch["model_input"][i] for i in good])
     by_row = dict(zip(good, predictions, strict=True))
+    redo: dict[int, npt.NDArray[np.float32]] = {}
+    for i, first in by_row.items():
+        source = str(batch["second_look"][i]) if "second_look" in batch else ""
+        item = Item(
+            rel=PurePosixPath(str(batch["path"][i])), path=Path(source), sha256=str(batch["sha256"][i])
+        )
+        item.reduced = bool(source)
+        if needs_second_look(item, first.probability, limits.second_look_margin):
+            full = full_decode_input(item, predictor.spec, limits.max_pixels, limits.max_file_mb << 20)
+            if full is not None:
+                redo[i] = full
+    by_row.update(zip(redo, predictor.predict(list(redo.values())), strict=True))
     columns = output_columns()
     values: dict[str, list[str]] = {c: [] for c in columns}
     threshold = f"{predictor.threshold:.6f}"
@@ -245,14 +266,15 @@ def _warning(batch: Batch, i: int, population: dict[str, Any]) -> str:
 class PredictBatch:
     """Ray Data callable class: one model version loaded once per actor, then batch after batch."""
 
-    def __init__(self, store: str, version: str) -> None:
+    def __init__(self, store: str, version: str, limits: dict[str, Any] | None = None) -> None:
         from watcher.inference import Predictor
 
         self.predictor = Predictor(Path(store), version)
         self.instance = _instance()
+        self.limits = DecodeConfig(**(limits or {}))
 
     def __call__(self, batch: Batch) -> pa.Table:
-        return score_batch(self.predictor, batch, self.instance)
+        return score_batch(self.predictor, batch, self.instance, self.limits)
 
 
 def _instance() -> str:
@@ -412,6 +434,7 @@ def _run_local(
     store: Path,
     version: str,
     decode_kwargs: dict[str, Any],
+    limits: DecodeConfig,
     batch_size: int,
     part_rows: int,
     workers: int,
@@ -435,7 +458,7 @@ def _run_local(
         while pending:
             decoded = pending.popleft().result()
             refill()
-            writer.add(score_batch(predictor, decoded, instance))
+            writer.add(score_batch(predictor, decoded, instance, limits))
     writer.close()
     return writer.parts
 
@@ -447,6 +470,7 @@ def _run_ray(
     store: Path,
     version: str,
     decode_kwargs: dict[str, Any],
+    limits: DecodeConfig,
     batch_size: int,
     part_rows: int,
     address: str | None,
@@ -499,7 +523,7 @@ def _run_ray(
         )
         ds = ds.map_batches(
             PredictBatch,
-            fn_constructor_kwargs={"store": str(store), "version": version},
+            fn_constructor_kwargs={"store": str(store), "version": version, "limits": asdict(limits)},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray_data.ActorPoolStrategy(size=n_actors),
@@ -600,13 +624,13 @@ def backfill(
             parts: list[Path] = []
         elif engine == "local":
             parts = _run_local(
-                todo, data, output, store, version, decode_kwargs, batch_size, part_rows,
+                todo, data, output, store, version, decode_kwargs, limits, batch_size, part_rows,
                 workers or os.cpu_count() or 1, run_id,
             )  # fmt: skip
         else:
             parts, info = _run_ray(
-                todo, data, output, store, version, decode_kwargs, batch_size, part_rows, address, actors,
-                actor_cpus, run_id,
+                todo, data, output, store, version, decode_kwargs, limits, batch_size, part_rows, address,
+                actors, actor_cpus, run_id,
             )  # fmt: skip
     counts = _count(parts)
     seconds = time.monotonic() - t0

@@ -172,10 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 ]
             )
             continue
-        if explainer is not None:
-            pred = _predict_with_heatmap(predictor, explainer, item, args.heatmaps)
-        else:
-            (pred,) = predictor.predict([item.model_input])
+        pred = _score_one(predictor, explainer, item, limits, args.heatmaps)
         writer.writerow(
             [
                 str(path),
@@ -191,17 +188,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _predict_with_heatmap(predictor: Any, explainer: Any, item: Any, folder: Path) -> Any:
-    """Score one preprocessed file and write its Grad-CAM overlay under ``folder/<LABEL>/``."""
+def _score_one(predictor: Any, explainer: Any, item: Any, limits: DecodeConfig, heatmaps: Path | None) -> Any:
+    """Score one decoded file as the daemon does (a borderline fast decode is decoded again in
+    full); with ``explainer``, also write its Grad-CAM overlay under ``heatmaps/<LABEL>/``."""
     import numpy as np
 
     from watcher.explain import overlay_png, write_overlay
     from watcher.filing import plan_destination
+    from watcher.service import full_decode_input, needs_second_look
 
-    raw, cams = explainer.predict_and_explain(item.model_input[np.newaxis], upsample=False)
-    (pred,) = predictor.predictions(raw)
-    dest = plan_destination(folder / pred.label, PurePosixPath(item.path.name + ".png"), item.sha256)
-    write_overlay(dest, overlay_png(item.thumb, cams[0], pred.label, pred.probability, predictor.threshold))
+    def score() -> tuple[Any, Any]:
+        if explainer is None:
+            return predictor.predict([item.model_input])[0], None
+        raw, cams = explainer.predict_and_explain(item.model_input[np.newaxis], upsample=False)
+        return predictor.predictions(raw)[0], cams[0]
+
+    pred, cam = score()
+    if needs_second_look(item, pred.probability, limits.second_look_margin):
+        full = full_decode_input(item, predictor.spec, limits.max_pixels, limits.max_file_mb << 20)
+        if full is not None:
+            item.model_input = full
+            pred, cam = score()
+    if explainer is not None and heatmaps is not None:
+        dest = plan_destination(heatmaps / pred.label, PurePosixPath(item.path.name + ".png"), item.sha256)
+        write_overlay(dest, overlay_png(item.thumb, cam, pred.label, pred.probability, predictor.threshold))
     return pred
 
 

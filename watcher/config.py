@@ -47,6 +47,9 @@ class DecodeConfig:
     workers: int = 2
     max_pixels: int = 100_000_000
     max_file_mb: int = 512
+    # a JPEG decoded DCT-scaled whose probability lands in [m, 1 - m] is decoded again in full
+    # and scored again (the sigmoid is steepest there); 0 turns the second look off
+    second_look_margin: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,9 @@ def load_config(path: str | Path) -> Config:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) > 65535:
             raise ConfigError(f"{source}: key '{key}' must be a TCP port (0-65535)")
+    margin = cfg.decode.second_look_margin
+    if not 0.0 <= margin < 0.5:
+        raise ConfigError(f"{source}: key 'decode.second_look_margin' must be in [0, 0.5), got {margin!r}")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.ingest.extensions)
     instance = cfg.instance_id or socket.gethostname() or "local"
     if "/" in instance or instance.startswith("."):
