@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 
 from tests.conftest import FULLRES, fixture_images
 from watcher.errors import DecodeError
-from watcher.imaging import PreprocessSpec, decode_bytes, decode_image, preprocess
+from watcher.imaging import PreprocessSpec, decode_bytes, decode_image, halve, preprocess, resize
 
 
 def _gradient(h: int = 64, w: int = 48) -> np.ndarray:
@@ -213,6 +213,37 @@ class TestPreprocess:
         assert (size, size + 3, 1) == out.shape
         assert np.float32 == out.dtype
         assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+class TestResize:
+    """Area averaging when shrinking; halvings first from 4x the target, never below 2x."""
+
+    def test_large_images_are_halved_first_and_stay_close_to_one_area_step(self) -> None:
+        import cv2
+
+        img = decode_image(FULLRES[0])  # 1172 x 986
+        got = resize(img, 128, 128)
+        one_step = cv2.resize(img, (128, 128), interpolation=cv2.INTER_AREA)
+        assert (128, 128) == got.shape and np.uint8 == got.dtype
+        diff = np.abs(got.astype(int) - one_step.astype(int))
+        assert float(diff.mean()) < 0.5 and float(np.percentile(diff, 99)) <= 3 and int(diff.max()) <= 16
+        # one halving (1172 x 986 -> 586 x 493: under 4x the target on a side), then one area step
+        half = halve(img)
+        assert (493, 586) == half.shape
+        assert np.array_equal(cv2.resize(half, (128, 128), interpolation=cv2.INTER_AREA), got)
+
+    @pytest.mark.parametrize("shape", [(224, 224), (511, 2000), (375, 500), (130, 700)])
+    def test_under_four_times_on_a_side_is_one_area_step(self, shape: tuple[int, int]) -> None:
+        """The 224 px training images and any DCT-scaled decode resize exactly as before."""
+        import cv2
+
+        img = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+        expected = cv2.resize(img, (128, 128), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(expected, resize(img, 128, 128))
+
+    def test_halve_averages_2x2_blocks_and_drops_an_odd_edge(self) -> None:
+        img = np.array([[0, 2, 9], [4, 6, 9], [9, 9, 9]], dtype=np.uint8)
+        assert [[3]] == halve(img).tolist()
 
 
 class TestFastJpegDecode:

@@ -77,6 +77,31 @@ class TestDaemon:
         assert abs(fast - full) > 0.02  # the fast decode alone would miss the fidelity bound
         assert _daemon_probability(make_config) == pytest.approx(full, abs=2e-6)
 
+    def test_borderline_files_in_many_batches(
+        self, tmp_path: Path, make_config: Callable[..., Config]
+    ) -> None:
+        """A batch's second look shares the next batch's pass: every row, once, with its own answer."""
+        from tests.conftest import fixture_images
+
+        store = _store(tmp_path / "svc")
+        _, full = _both(store)
+        cfg = make_config(batch={"max_size": 2})
+        small = fixture_images()[:5]  # 224 px, decoded DCT-scaled to 1/2 for the 32 px model
+        for k in range(7):
+            shutil.copy(IMAGE, cfg.inbox / f"big{k}.jpeg")
+        for path in small:
+            shutil.copy(path, cfg.inbox / path.name)
+        assert 0 == Service(cfg).run(once=True)
+        rows = {r["file"]: dict(r) for r in read_rows(cfg.results)}
+        assert 12 == len(rows) == len(list(read_rows(cfg.results)))
+        for k in range(7):
+            assert float(rows[f"big{k}.jpeg"]["probability"]) == pytest.approx(full, abs=2e-6)
+        for path in small:
+            fast, full_small = _both(store, path)
+            want = full_small if 0.05 <= fast <= 0.95 else fast
+            assert float(rows[path.name]["probability"]) == pytest.approx(want, abs=2e-6)
+        assert 12 == sum(1 for p in cfg.processed.rglob("*") if p.is_file())
+
     def test_margin_zero_keeps_the_fast_answer(
         self, tmp_path: Path, make_config: Callable[..., Config]
     ) -> None:

@@ -294,13 +294,32 @@ def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Grey
 # ----------------------------------------------------------- preprocessing
 
 
+def halve(img: GreyImage) -> GreyImage:
+    """Half the size by exact 2x2 averaging (OpenCV's integer-factor area path); an odd last row
+    or column is dropped."""
+    h, w = img.shape
+    half = cv2.resize(img[: h - h % 2, : w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    return np.asarray(half, dtype=np.uint8)
+
+
 def resize(img: GreyImage, height: int, width: int) -> GreyImage:
-    """Resize to (height, width): area averaging when shrinking, bilinear when growing."""
+    """Resize to (height, width): area averaging when shrinking, bilinear when growing.
+
+    An image at least 4x the target on both sides is first halved by exact 2x2 averaging
+    until it is not: the same area averaging, and 5x cheaper than OpenCV's one non-integer area
+    step from a full-size radiograph (resize and CLAHE to 128 px: 0.7 instead of 3.7 ms per
+    image on the 80 full-resolution originals).
+    Smaller images (the 224 px training images, a JPEG decoded DCT-scaled to less than 4x the
+    input on a side) take the one area step unchanged.
+    """
     if img.shape == (height, width):
         return img
     shrinking = img.shape[0] * img.shape[1] >= height * width
-    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return np.asarray(cv2.resize(img, (width, height), interpolation=interp), dtype=np.uint8)
+    if not shrinking:
+        return np.asarray(cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    while img.shape[0] >= 4 * height and img.shape[1] >= 4 * width:
+        img = halve(img)
+    return np.asarray(cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 
 def equalize(img: GreyImage, method: str, tiles: int = 8) -> GreyImage:

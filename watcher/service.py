@@ -52,7 +52,7 @@ from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, ReportError, WatcherError
 from watcher.filing import destination_root, link_into, plan_destination
 from watcher.fsutil import fsync_dir, try_lock
-from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, input_floor, preprocess
+from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, halve, input_floor, preprocess
 from watcher.inference import Prediction, Predictor
 from watcher.ingest import Ingest
 from watcher.logs import capture_library_warnings, configure_logging
@@ -163,6 +163,7 @@ class Scored:
     drift: drift.DriftMonitor | None  # and its drift monitor
     started: float  # time.monotonic() when inference began
     infer_s: float
+    second_look: list[Item] = dataclasses.field(default_factory=list)  # owed a pass from a full decode
 
 
 THUMB_SIDE = 256  # longest side of the radiograph kept for a heat map overlay (PNG cost ~ pixels)
@@ -178,9 +179,7 @@ def thumbnail(image: GreyImage, side: int = THUMB_SIDE) -> GreyImage:
     """
     out = image
     while max(out.shape) >= 2 * side and min(out.shape) >= 2:
-        h, w = out.shape
-        half = cv2.resize(out[: h - h % 2, : w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-        out = np.asarray(half, dtype=np.uint8)
+        out = halve(out)
     h, w = out.shape
     scale = min(1.0, side / max(h, w))
     if scale >= 1.0:
@@ -629,19 +628,26 @@ class Service:
         """
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
+        held: Scored | None = None  # its second look rides along with the next batch's pass
         try:
             while True:
                 self._ping_watchdog()
                 self._tick()
-                try:
-                    items = self._decoded.get(timeout=0.2)
+                try:  # with a batch held, only take one that is ready now: never wait for it
+                    items = self._decoded.get(block=held is None, timeout=0.2)
                 except queue.Empty:
-                    self._maybe_reload()
+                    if held is not None:
+                        held = self._hand_over_after(held, self._infer([], held))
+                    else:
+                        self._maybe_reload()
                     continue
                 if items is None:
+                    if held is not None:
+                        self._hand_over_after(held, self._infer([], held))
                     break
-                self._maybe_reload()
-                self._hand_over(self._infer(items))
+                if held is None:
+                    self._maybe_reload()  # never between a held batch and the pass that completes it
+                held = self._hand_over_after(held, self._infer(items, held))
         finally:
             self._hand_over(None)
             reporter.join()
@@ -660,6 +666,17 @@ class Service:
         if now - self._last_ping >= self._ping_every and now - self._reporter_beat < 2 * self._ping_every:
             systemd.notify("WATCHDOG=1")
             self._last_ping = now
+
+    def _hand_over_after(self, held: Scored | None, scored: Scored) -> Scored | None:
+        """Hand over ``held`` (now complete), then ``scored`` unless its second look is still
+        owed; returns the batch to hold, if any."""
+        if held is not None:
+            self._hand_over(held)
+        if scored.second_look:
+            return scored
+        if scored.items:  # not the empty pass that only completed ``held``
+            self._hand_over(scored)
+        return None
 
     def _hand_over(self, scored: Scored | None) -> None:
         """Queue a scored batch for the reporter, feeding the watchdog while the queue is full."""
@@ -810,13 +827,13 @@ class Service:
                 log.error("heatmap_failed", error=f"{type(exc).__name__}: {exc}", n_files=len(good))
         return predictor.predictions(predictor.raw_probabilities(batch)), [None] * len(inputs)
 
-    def _second_look(
-        self, predictor: Predictor, good: list[Item], predictions: list[Prediction], cams: list[Any]
-    ) -> int:
-        """Score borderline fast-decoded files again from a full decode; replaces their answers in place."""
+    def _prepare_second_look(
+        self, predictor: Predictor, good: list[Item], predictions: list[Prediction]
+    ) -> list[Item]:
+        """Borderline fast-decoded items, their model input replaced by a full decode's."""
         cfg = self.cfg.decode
-        redo: list[int] = []
-        for k, (item, pred) in enumerate(zip(good, predictions, strict=True)):
+        again: list[Item] = []
+        for item, pred in zip(good, predictions, strict=True):
             if not needs_second_look(item, pred.probability, cfg.second_look_margin):
                 continue
             x = full_decode_input(
@@ -828,12 +845,8 @@ class Service:
             )
             if x is not None:
                 item.model_input = x
-                redo.append(k)
-        if redo:
-            again, again_cams = self._score(predictor, [good[k] for k in redo])
-            for k, pred, cam in zip(redo, again, again_cams, strict=True):
-                predictions[k], cams[k] = pred, cam
-        return len(redo)
+                again.append(item)
+        return again
 
     def _write_heatmap(self, item: Item, pred: Prediction, cam: Any, threshold: float) -> str:
         """Write the file's overlay under explain.folder; returns its path for the row ('' if none)."""
@@ -853,9 +866,15 @@ class Service:
         base = self.cfg.source.parent if self.cfg.source is not None else Path.cwd()
         return os.path.relpath(path, base)
 
-    def _infer(self, items: list[Item]) -> Scored:
-        """Stage 2: predictions (and Grad-CAM maps) for a decoded batch, with what goes with them."""
-        predictor = self.predictor
+    def _infer(self, items: list[Item], held: Scored | None = None) -> Scored:
+        """Stage 2: predictions (and Grad-CAM maps) for a decoded batch, with what goes with them.
+
+        ``held``: an earlier batch whose borderline files were decoded again in full; they are
+        scored in the same pass as ``items`` (one pass instead of two) and their answers
+        replaced in ``held``. This batch's own borderline files are decoded again here and
+        left in ``second_look`` for the next pass.
+        """
+        predictor = held.predictor if held is not None else self.predictor
         assert predictor is not None
         t0 = time.monotonic()
         fresh = [i for i in items if not i.known_destination]
@@ -863,12 +882,22 @@ class Service:
             if not item.error and item.spec != predictor.spec:
                 self._load(item, predictor.spec, self.cfg.decode.max_file_mb << 20)
         good = [i for i in fresh if not i.error]
-        predictions, cams = self._score(predictor, good)
-        n_second = self._second_look(predictor, good, predictions, cams)
-        if n_second:
-            log.debug("second_look", n_files=n_second, n_scored=len(good))
+        owed = held.second_look if held is not None else []
+        predictions, cams = self._score(predictor, good + owed)
+        if held is not None:
+            for item, pred, cam in zip(owed, predictions[len(good) :], cams[len(good) :], strict=True):
+                held.predictions[id(item)] = pred
+                if cam is not None:
+                    held.cams[id(item)] = cam
+                item.model_input = None
+            log.debug("second_look", n_files=len(owed), n_scored_with=len(good))
+            held.second_look = []
+        predictions, cams = predictions[: len(good)], cams[: len(good)]
+        again = self._prepare_second_look(predictor, good, predictions)
+        kept = {id(i) for i in again}
         for item in good:
-            item.model_input = None  # free memory early
+            if id(item) not in kept:
+                item.model_input = None  # free memory early
         return Scored(
             items=items,
             predictor=predictor,
@@ -878,6 +907,7 @@ class Service:
             drift=self._drift,
             started=t0,
             infer_s=time.monotonic() - t0,
+            second_look=again,
         )
 
     def _report(self, batch: Scored) -> None:
