@@ -44,13 +44,14 @@ class TestMetrics:
         assert 0 == got[("xray_watcher_files_total", (("status", "ok"),))]
         assert 0 == got[("xray_watcher_files_total", (("status", "failed"),))]
         assert 0 == got[("xray_watcher_queue_depth", ())]
+        assert 0 == got[("xray_watcher_second_looks_total", ())]
         assert 0 == got[("xray_watcher_batch_seconds_count", ())]
         assert not [k for k in got if k[0] == "xray_watcher_model_info"]
 
     def test_values_after_observations(self, served: metrics.Metrics) -> None:
         """Counts, histogram sums and buckets, and the queue gauge after three batches."""
         served.observe_batch(3, 1, 0.4, 0.02, [0.01, 0.01, 0.03, 0.2])
-        served.observe_batch(4, 0, 0.6, 0.03, [0.01] * 4)
+        served.observe_batch(4, 0, 0.6, 0.03, [0.01] * 4, n_second_look=2)
         served.observe_batch(0, 2, 0.05, 0.0, [0.001, 0.002])
         served.set_queue_depth(17)
         assert served.port
@@ -65,6 +66,7 @@ class TestMetrics:
         assert 10 == got[("xray_watcher_decode_seconds_count", ())]
         assert 9 == got[("xray_watcher_decode_seconds_bucket", (("le", "0.05"),))]
         assert 17 == got[("xray_watcher_queue_depth", ())]
+        assert 2 == got[("xray_watcher_second_looks_total", ())]
 
     def test_model_switch_clears_the_old_version(self, served: metrics.Metrics) -> None:
         """Only the version being served has a model_info series."""

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import FULLRES, publish_tiny
 from tests.test_cli import cli
@@ -91,16 +92,22 @@ class TestDaemon:
             shutil.copy(IMAGE, cfg.inbox / f"big{k}.jpeg")
         for path in small:
             shutil.copy(path, cfg.inbox / path.name)
-        assert 0 == Service(cfg).run(once=True)
+        with capture_logs() as logs:
+            assert 0 == Service(cfg).run(once=True)
         rows = {r["file"]: dict(r) for r in read_rows(cfg.results)}
         assert 12 == len(rows) == len(list(read_rows(cfg.results)))
         for k in range(7):
             assert float(rows[f"big{k}.jpeg"]["probability"]) == pytest.approx(full, abs=2e-6)
+        n_borderline = 7
         for path in small:
             fast, full_small = _both(store, path)
+            n_borderline += 0.05 <= fast <= 0.95
             want = full_small if 0.05 <= fast <= 0.95 else fast
             assert float(rows[path.name]["probability"]) == pytest.approx(want, abs=2e-6)
         assert 12 == sum(1 for p in cfg.processed.rglob("*") if p.is_file())
+        done = [e for e in logs if e["event"] == "batch_done"]
+        assert 6 == len(done)  # batches of 2
+        assert n_borderline == sum(e["n_second_look"] for e in done)
 
     def test_margin_zero_keeps_the_fast_answer(
         self, tmp_path: Path, make_config: Callable[..., Config]

@@ -7,7 +7,8 @@ one), so several can live in one process (tests).
 
 Exposed: ``xray_watcher_files_total{status="ok|failed"}``, ``xray_watcher_batch_seconds``,
 ``xray_watcher_decode_seconds`` and ``xray_watcher_inference_seconds`` (per file, histograms),
-``xray_watcher_queue_depth`` and ``xray_watcher_model_info{version="v0002"} 1``.
+``xray_watcher_second_looks_total`` (files decoded again in full because their fast decode
+scored near 0.5), ``xray_watcher_queue_depth`` and ``xray_watcher_model_info{version="v0002"} 1``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class MetricsSink(Protocol):
         batch_s: float,
         infer_s_per_file: float,
         decode_s_list: Iterable[float],
+        n_second_look: int = 0,
     ) -> None: ...
 
     def set_queue_depth(self, n: int) -> None: ...
@@ -54,6 +56,7 @@ class NoMetrics:
         batch_s: float,
         infer_s_per_file: float,
         decode_s_list: Iterable[float],
+        n_second_look: int = 0,
     ) -> None:
         pass
 
@@ -98,6 +101,12 @@ class Metrics:
             buckets=PER_FILE_BUCKETS,
             registry=self.registry,
         )
+        self.second_looks = Counter(
+            "xray_watcher_second_looks",
+            "Files decoded DCT-scaled whose score fell in [m, 1 - m] (m: decode.second_look_margin), "
+            "then decoded in full and scored again",
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "xray_watcher_queue_depth",
             "Files seen in the inbox and not yet given a row",
@@ -123,8 +132,11 @@ class Metrics:
         batch_s: float,
         infer_s_per_file: float,
         decode_s_list: Iterable[float],
+        n_second_look: int = 0,
     ) -> None:
         """One finished batch: its file counts, its duration and the per-file timings."""
+        if n_second_look:
+            self.second_looks.inc(n_second_look)
         if n_ok:
             self.files.labels(status="ok").inc(n_ok)
         if n_failed:

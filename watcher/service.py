@@ -164,6 +164,7 @@ class Scored:
     started: float  # time.monotonic() when inference began
     infer_s: float
     second_look: list[Item] = dataclasses.field(default_factory=list)  # owed a pass from a full decode
+    n_second_look: int = 0  # files whose answer came from that pass
 
 
 THUMB_SIDE = 256  # longest side of the radiograph kept for a heat map overlay (PNG cost ~ pixels)
@@ -894,7 +895,7 @@ class Service:
                     held.cams[id(item)] = cam
                 item.model_input = None
             log.debug("second_look", n_files=len(owed), n_scored_with=len(good))
-            held.second_look = []
+            held.second_look, held.n_second_look = [], len(owed)
         predictions, cams = predictions[: len(good)], cams[: len(good)]
         again = self._prepare_second_look(predictor, good, predictions)
         kept = {id(i) for i in again}
@@ -978,6 +979,7 @@ class Service:
             time.monotonic() - t0,
             batch.infer_s / max(1, len(scored)),
             [i.decode_s for i in fresh],
+            n_second_look=batch.n_second_look,
         )
         self.counts["ok"] += n_ok
         self.counts["failed"] += len(rows) - n_ok
@@ -1001,6 +1003,7 @@ class Service:
             n_failed=len(rows) - n_ok,
             n_refiled=len(items) - len(fresh),
             n_population_warnings=n_warnings,
+            n_second_look=batch.n_second_look,
             infer_ms=round(infer_ms, 1),
             total_ms=round((time.monotonic() - t0) * 1000, 1),
             model_version=predictor.version,
