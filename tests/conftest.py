@@ -25,10 +25,12 @@ FULLRES = sorted((FIXTURES / "fullres").glob("*.jpeg"))
 TINY_SPEC = PreprocessSpec(height=32, width=32)
 
 
-def build_tiny_model(bias: float = -10.0, weight: float = 20.0, conv: bool = False):  # type: ignore[no-untyped-def]
+def build_tiny_model(bias: float = -10.0, weight: float = 20.0, conv: bool = False, heavy: int = 0):  # type: ignore[no-untyped-def]
     """A real Keras model whose output is sigmoid(weight * mean_brightness + bias): bright -> PNEUMONIA.
 
     ``conv``: the same function through an identity 1x1 convolution first, for Grad-CAM.
+    ``heavy``: plus two 3x3 convolutions of that many filters whose result is weighted by zero:
+    the same output, only slower (a model that is the pipeline's bottleneck).
     """
     import keras
 
@@ -37,9 +39,15 @@ def build_tiny_model(bias: float = -10.0, weight: float = 20.0, conv: bool = Fal
     if conv:
         x = keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="zeros")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    out = keras.layers.Dense(1, activation="sigmoid")(x)
-    model = keras.Model(inputs, out)
-    model.layers[-1].set_weights([np.array([[weight]], dtype="float32"), np.array([bias], dtype="float32")])
+    dense = keras.layers.Dense(1)
+    logit = dense(x)
+    if heavy:
+        h = keras.layers.Conv2D(heavy, 3, padding="same", activation="relu")(inputs)
+        h = keras.layers.Conv2D(heavy, 3, padding="same")(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        logit = keras.layers.Add()([logit, keras.layers.Dense(1, kernel_initializer="zeros")(h)])
+    model = keras.Model(inputs, keras.layers.Activation("sigmoid")(logit))
+    dense.set_weights([np.array([[weight]], dtype="float32"), np.array([bias], dtype="float32")])
     return model
 
 
@@ -50,10 +58,11 @@ def publish_tiny(
     promote: bool = True,
     weight: float = 20.0,
     conv: bool = False,
+    heavy: int = 0,
 ) -> str:
     """Publish a tiny model version into ``store`` and (optionally) make it current."""
     build = model_store.new_build_dir(store)
-    build_tiny_model(bias, weight, conv).save(build / model_store.MODEL_FILE)
+    build_tiny_model(bias, weight, conv, heavy).save(build / model_store.MODEL_FILE)
     meta = {
         "architecture": "tiny-test",
         "preprocessing": TINY_SPEC.to_dict(),

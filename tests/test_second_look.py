@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -108,6 +110,38 @@ class TestDaemon:
         done = [e for e in logs if e["event"] == "batch_done"]
         assert 6 == len(done)  # batches of 2
         assert n_borderline == sum(e["n_second_look"] for e in done)
+
+    def test_a_new_model_is_taken_up_while_every_batch_holds_a_second_look(
+        self, tmp_path: Path, make_config: Callable[..., Config]
+    ) -> None:
+        """A slow model (the bottleneck: the next batch is always ready) and borderline files
+        (every batch is held for its second look): a promoted version still takes over within
+        the run, not only once the stream ends."""
+        from tests.conftest import fixture_images
+
+        store = tmp_path / "svc" / "model_store"
+        store.mkdir(parents=True)
+        publish_tiny(store, heavy=256)  # about 0.27 on the fixtures: inside [0.05, 0.95]
+        cfg = make_config(batch={"max_size": 2}, model_poll_s=0.2)
+        images = fixture_images()
+        for k in range(80):
+            shutil.copy(images[k % len(images)], cfg.inbox / f"{k:03d}.jpeg")
+        service = Service(cfg)
+        worker = threading.Thread(target=lambda: service.run(once=True))
+        worker.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not (cfg.results.exists() and len(list(read_rows(cfg.results))) >= 4):
+                assert time.monotonic() < deadline, "no rows within 60 s"
+                time.sleep(0.02)
+            publish_tiny(store, bias=-9.0)  # v0002, promoted
+        finally:
+            worker.join(120)
+        rows = [dict(r) for r in read_rows(cfg.results)]
+        assert 80 == len(rows)
+        versions = [r["model_version"] for r in rows]
+        assert "v0002" in versions, "the new version never served a file of the stream"
+        assert versions == sorted(versions)  # once swapped, never back
 
     def test_margin_zero_keeps_the_fast_answer(
         self, tmp_path: Path, make_config: Callable[..., Config]

@@ -649,8 +649,10 @@ class Service:
                     if held is not None:
                         self._hand_over_after(held, self._infer([], held))
                     break
+                if held is not None and self._reload_due():  # complete it under the model that held it
+                    held = self._hand_over_after(held, self._infer([], held))
                 if held is None:
-                    self._maybe_reload()  # never between a held batch and the pass that completes it
+                    self._maybe_reload()
                 held = self._hand_over_after(held, self._infer(items, held))
         finally:
             self._hand_over(None)
@@ -713,9 +715,12 @@ class Service:
             self._reporter_error = exc
             self.request_stop()
 
+    def _reload_due(self) -> bool:
+        """A SIGHUP is pending or the model store is due a look (``model_poll_s``)."""
+        return self._reload_now.is_set() or time.monotonic() - self._last_model_check >= self.cfg.model_poll_s
+
     def _maybe_reload(self) -> None:
-        due = time.monotonic() - self._last_model_check >= self.cfg.model_poll_s
-        if not (due or self._reload_now.is_set()):
+        if not self._reload_due():
             return
         forced = self._reload_now.is_set()
         self._reload_now.clear()
