@@ -628,7 +628,9 @@ class Service:
         """Stage 2: score each decoded batch and hand it to the reporter (stage 3).
 
         The reporter draws heat maps, appends rows and moves files while this loop already
-        scores the next batch, so the model never waits for PNG encoding or fsyncs.
+        scores the next batch, so the model never waits for PNG encoding or fsyncs. A batch
+        with borderline files (the second look) is held until their full decodes are scored,
+        in the next batch's pass if that batch is ready, else alone at once.
         """
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
