@@ -41,7 +41,7 @@ def probabilities(predictor: Predictor, files: list[Path], fast: bool) -> tuple[
         batch = []
         for p in files[i : i + 64]:
             decoded = decode(p.read_bytes(), min_size=floor)
-            reduced.append(decoded.image.shape != (decoded.height, decoded.width))
+            reduced.append(decoded.reduced)
             batch.append(preprocess(decoded.image, predictor.spec))
         out.append(predictor.probabilities(np.stack(batch)))
     return np.concatenate(out), np.array(reduced, dtype=bool)

@@ -66,7 +66,7 @@ from watcher.fsutil import fsync_dir, try_lock
 from watcher.imaging import PreprocessSpec
 from watcher.ingest import scan_inbox
 from watcher.report import COLUMNS, utc_now
-from watcher.service import Item, full_decode_input, load_item, needs_second_look, read_file
+from watcher.service import Item, load_item, read_file, second_look_inputs
 
 if TYPE_CHECKING:
     from watcher.inference import Predictor
@@ -213,18 +213,19 @@ def score_batch(
     good = [i for i in keep if not batch["error"][i]]
     predictions = predictor.predict([batch["model_input"][i] for i in good])
     by_row = dict(zip(good, predictions, strict=True))
-    redo: dict[int, npt.NDArray[np.float32]] = {}
-    for i, first in by_row.items():
-        source = str(batch["second_look"][i]) if "second_look" in batch else ""
-        item = Item(
-            rel=PurePosixPath(str(batch["path"][i])), path=Path(source), sha256=str(batch["sha256"][i])
+    sources = [str(batch["second_look"][i]) if "second_look" in batch else "" for i in good]
+    items = [
+        Item(
+            rel=PurePosixPath(str(batch["path"][i])),
+            path=Path(src),
+            sha256=str(batch["sha256"][i]),
+            reduced=bool(src),
         )
-        item.reduced = bool(source)
-        if needs_second_look(item, first.probability, limits.second_look_margin):
-            full = full_decode_input(item, predictor.spec, limits.max_pixels, limits.max_file_mb << 20)
-            if full is not None:
-                redo[i] = full
-    by_row.update(zip(redo, predictor.predict(list(redo.values())), strict=True))
+        for i, src in zip(good, sources, strict=True)
+    ]
+    full = second_look_inputs(items, [p.probability for p in predictions], predictor.spec, limits)
+    again = predictor.predict(list(full.values()))
+    by_row.update((good[k], pred) for k, pred in zip(full, again, strict=True))
     columns = output_columns()
     values: dict[str, list[str]] = {c: [] for c in columns}
     threshold = f"{predictor.threshold:.6f}"

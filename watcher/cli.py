@@ -195,7 +195,7 @@ def _score_one(predictor: Any, explainer: Any, item: Any, limits: DecodeConfig, 
 
     from watcher.explain import overlay_png, write_overlay
     from watcher.filing import plan_destination
-    from watcher.service import full_decode_input, needs_second_look
+    from watcher.service import second_look_inputs
 
     def score() -> tuple[Any, Any]:
         if explainer is None:
@@ -204,11 +204,10 @@ def _score_one(predictor: Any, explainer: Any, item: Any, limits: DecodeConfig, 
         return predictor.predictions(raw)[0], cams[0]
 
     pred, cam = score()
-    if needs_second_look(item, pred.probability, limits.second_look_margin):
-        full = full_decode_input(item, predictor.spec, limits.max_pixels, limits.max_file_mb << 20)
-        if full is not None:
-            item.model_input = full
-            pred, cam = score()
+    full = second_look_inputs([item], [pred.probability], predictor.spec, limits)
+    if full:
+        item.model_input = full[0]
+        pred, cam = score()
     if explainer is not None and heatmaps is not None:
         dest = plan_destination(heatmaps / pred.label, PurePosixPath(item.path.name + ".png"), item.sha256)
         write_overlay(dest, overlay_png(item.thumb, cam, pred.label, pred.probability, predictor.threshold))

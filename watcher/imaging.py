@@ -238,6 +238,11 @@ class Decoded:
     width: int = 0
     height: int = 0
 
+    @property
+    def reduced(self) -> bool:
+        """Decoded DCT-scaled: the image is smaller than the file's own size."""
+        return self.image.shape != (self.height, self.width)
+
 
 def input_floor(spec: PreprocessSpec) -> tuple[int, int]:
     """The smallest (height, width) a decode may return for ``spec``: twice what preprocess shrinks to."""

@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -47,7 +47,7 @@ import structlog
 
 from watcher import __version__, drift, failpoints, metrics, model_store, runtime, systemd
 from watcher.batching import collect_batch
-from watcher.config import Config, load_config
+from watcher.config import Config, DecodeConfig, load_config
 from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, ReportError, WatcherError
 from watcher.filing import destination_root, link_into, plan_destination
@@ -212,7 +212,7 @@ def load_item(
             item.sop_instance_uid = info.sop_instance_uid
             item.age_years, item.age_text = info.age_years, info.age_text
         item.height, item.width = decoded.height, decoded.width  # the file's size, not the decode's
-        item.reduced = image.shape != (decoded.height, decoded.width)
+        item.reduced = decoded.reduced
         item.model_input = preprocess(image, spec)  # a full-size image is not held past here
         item.spec = spec
         if keep_thumbnail:
@@ -261,6 +261,30 @@ def full_decode_input(
     except Exception as exc:  # the fast decode's answer stands; never fail a row here
         log.exception("second_look_failed", file=str(item.rel), error=f"{type(exc).__name__}: {exc}")
         return None
+
+
+def second_look_inputs(
+    items: Sequence[Item],
+    probabilities: Sequence[float],
+    spec: PreprocessSpec,
+    limits: DecodeConfig,
+    accept_any_body_part: bool = False,
+) -> dict[int, ModelInput]:
+    """Full-decode model inputs, by index, for the items that need a second look.
+
+    The one place the daemon, ``predict`` and ``backfill`` decide it: an item whose fast
+    decode scored within ``limits.second_look_margin`` and that can still be read (else its
+    fast answer stands and it is left out).
+    """
+    out: dict[int, ModelInput] = {}
+    for k, (item, p) in enumerate(zip(items, probabilities, strict=True)):
+        if needs_second_look(item, p, limits.second_look_margin):
+            x = full_decode_input(
+                item, spec, limits.max_pixels, limits.max_file_mb << 20, accept_any_body_part
+            )
+            if x is not None:
+                out[k] = x
+    return out
 
 
 class InstanceLock:
@@ -838,27 +862,6 @@ class Service:
                 log.error("heatmap_failed", error=f"{type(exc).__name__}: {exc}", n_files=len(good))
         return predictor.predictions(predictor.raw_probabilities(batch)), [None] * len(inputs)
 
-    def _prepare_second_look(
-        self, predictor: Predictor, good: list[Item], predictions: list[Prediction]
-    ) -> list[Item]:
-        """Borderline fast-decoded items, their model input replaced by a full decode's."""
-        cfg = self.cfg.decode
-        again: list[Item] = []
-        for item, pred in zip(good, predictions, strict=True):
-            if not needs_second_look(item, pred.probability, cfg.second_look_margin):
-                continue
-            x = full_decode_input(
-                item,
-                predictor.spec,
-                cfg.max_pixels,
-                cfg.max_file_mb << 20,
-                self.cfg.dicom.accept_any_body_part,
-            )
-            if x is not None:
-                item.model_input = x
-                again.append(item)
-        return again
-
     def _write_heatmap(self, item: Item, pred: Prediction, cam: Any, threshold: float) -> str:
         """Write the file's overlay under explain.folder; returns its path for the row ('' if none)."""
         if cam is None or item.thumb is None:
@@ -904,11 +907,16 @@ class Service:
             log.debug("second_look", n_files=len(owed), n_scored_with=len(good))
             held.second_look, held.n_second_look = [], len(owed)
         predictions, cams = predictions[: len(good)], cams[: len(good)]
-        again = self._prepare_second_look(predictor, good, predictions)
-        kept = {id(i) for i in again}
-        for item in good:
-            if id(item) not in kept:
-                item.model_input = None  # free memory early
+        full = second_look_inputs(
+            good,
+            [p.probability for p in predictions],
+            predictor.spec,
+            self.cfg.decode,
+            self.cfg.dicom.accept_any_body_part,
+        )
+        for k, item in enumerate(good):
+            item.model_input = full.get(k)  # the full decode's, scored in the next pass; else freed
+        again = [good[k] for k in full]
         return Scored(
             items=items,
             predictor=predictor,
