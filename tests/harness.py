@@ -66,6 +66,23 @@ def inotify_watches(pid: int) -> int:
     return n
 
 
+def inotify_masks(pid: int) -> list[int]:
+    """The event mask of each inotify watch a process holds (/proc fdinfo), in no set order."""
+    masks = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:
+            continue  # closed meanwhile
+        for line in info.splitlines():
+            if line.startswith("inotify wd:"):
+                fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+                masks.append(int(fields["mask"], 16))
+    return masks
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.harness import Daemon, check_exactly_once, inotify_watches, png_bytes, sha, wait_for
+from tests.harness import Daemon, check_exactly_once, inotify_masks, inotify_watches, png_bytes, sha, wait_for
 from watcher.config import Config
 from watcher.ingest import Ingest, is_candidate, scan_inbox
 from watcher.logs import capture_library_warnings
@@ -77,6 +80,71 @@ class TestWatches:
         (cfg.inbox / "b.png").write_bytes(b"x")
         assert [cfg.inbox / "b.png"] == list(scan_inbox(cfg.inbox, cfg.ingest.extensions))
         assert not is_candidate(cfg.inbox, cfg.inbox / ".x" / "y" / "a.png", cfg.ingest.extensions)
+
+
+IN_ACCESS, IN_MODIFY, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE, IN_OPEN = 0x1, 0x2, 0x8, 0x10, 0x20
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+
+
+class TestEvents:
+    def test_inotify_is_asked_only_for_events_that_can_bring_a_file(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """Writes, closes after writing, creations and moves; never opens, reads or deletions.
+
+        Every claim moves a file out of the inbox, and a reader or a cleaner in the inbox would
+        raise events by the thousand; the observer thread should not have to turn them away.
+        """
+        cfg = make_config(ingest={"settle_ms": 100})
+        (cfg.inbox / "ward1").mkdir()
+        ingest = Ingest(cfg)
+        before = Counter(inotify_masks(os.getpid()))
+        ingest.start()
+        try:
+            masks = list((Counter(inotify_masks(os.getpid())) - before).elements())
+        finally:
+            ingest.stop()
+        assert 2 == len(masks)  # inbox, ward1
+        for mask in masks:
+            wanted = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
+            assert wanted == mask & wanted, hex(mask)
+            assert 0 == mask & (IN_ACCESS | IN_OPEN | IN_CLOSE_NOWRITE | IN_DELETE), hex(mask)
+
+    def test_every_way_a_file_arrives_is_still_noticed(self, observer_cfg: Config, tmp_path: Path) -> None:
+        """Written in place in chunks, renamed in from outside, written as .part then renamed
+        inside the inbox, and in a folder moved in whole: each becomes ready, once."""
+        cfg = observer_cfg
+        ingest = Ingest(cfg)
+        ingest.start()
+        outside = tmp_path / "outside"
+        (outside / "folder").mkdir(parents=True)
+        try:
+            with open(cfg.inbox / "in_place.png", "wb") as fh:
+                data = png_bytes(1)
+                for k in range(0, len(data), 64):
+                    fh.write(data[k : k + 64])
+                    fh.flush()
+                    time.sleep(0.005)
+            (outside / "renamed.png").write_bytes(png_bytes(2))
+            (outside / "renamed.png").rename(cfg.inbox / "renamed.png")
+            (cfg.inbox / "partial.png.part").write_bytes(png_bytes(3))
+            (cfg.inbox / "partial.png.part").rename(cfg.inbox / "partial.png")
+            (outside / "folder" / "a.png").write_bytes(png_bytes(4))
+            (outside / "folder" / "b.png").write_bytes(png_bytes(5))
+            (outside / "folder").rename(cfg.inbox / "folder")
+            names = ("in_place.png", "renamed.png", "partial.png", "folder/a.png", "folder/b.png")
+            want = {cfg.inbox / n for n in names}
+            got = []
+            deadline = time.monotonic() + 15
+            while len(got) < len(want) and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    got.append(ingest.ready.get(timeout=0.2))
+            time.sleep(0.5)
+            while not ingest.ready.empty():
+                got.append(ingest.ready.get_nowait())
+        finally:
+            ingest.stop()
+        assert sorted(want) == sorted(got)
 
 
 class TestLibraryWarnings:

@@ -26,7 +26,12 @@ from pathlib import Path
 
 import structlog
 from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
     FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
     FileSystemMovedEvent,
@@ -43,6 +48,17 @@ log = structlog.get_logger()
 PARTIAL_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 CLOSE_GRACE_S = 0.2
 _SNIFF_BYTES = 4096
+# The events the handler acts on. watchdog then asks inotify for these only, and drops the
+# rest before dispatch: every move also raises a DirModifiedEvent for each folder it touches,
+# and opens, reads, closes without writing and deletions concern no file we could take.
+EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 
 
 def _is_hidden_below(root: bytes, path: bytes) -> bool:
@@ -324,7 +340,7 @@ class Ingest:
             )
         else:
             observer = _make_native_observer()
-        observer.schedule(_Handler(self), str(self.inbox), recursive=True)
+        observer.schedule(_Handler(self), str(self.inbox), recursive=True, event_filter=EVENTS)
         return observer
 
     def _loop(self) -> None:
