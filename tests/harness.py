@@ -52,9 +52,8 @@ def run_once(
     )
 
 
-def inotify_watches(pid: int) -> int:
-    """How many inotify watches a process holds, over all its inotify descriptors (/proc fdinfo)."""
-    n = 0
+def _inotify_watch_lines(pid: int) -> Iterator[str]:
+    """The 'inotify wd:' line of each watch a process holds, over all its inotify descriptors."""
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             if os.readlink(fd) != "anon_inode:inotify":
@@ -62,24 +61,20 @@ def inotify_watches(pid: int) -> int:
             info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
         except OSError:
             continue  # closed meanwhile
-        n += sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
-    return n
+        yield from (line for line in info.splitlines() if line.startswith("inotify wd:"))
+
+
+def inotify_watches(pid: int) -> int:
+    """How many inotify watches a process holds (/proc fdinfo)."""
+    return sum(1 for _ in _inotify_watch_lines(pid))
 
 
 def inotify_masks(pid: int) -> list[int]:
-    """The event mask of each inotify watch a process holds (/proc fdinfo), in no set order."""
+    """The event mask of each inotify watch a process holds, in no set order."""
     masks = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd) != "anon_inode:inotify":
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
-        except OSError:
-            continue  # closed meanwhile
-        for line in info.splitlines():
-            if line.startswith("inotify wd:"):
-                fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
-                masks.append(int(fields["mask"], 16))
+    for line in _inotify_watch_lines(pid):
+        fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+        masks.append(int(fields["mask"], 16))
     return masks
 
 
