@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import structlog
 
 from watcher.config import Config
 
@@ -76,6 +77,40 @@ def inotify_masks(pid: int) -> list[int]:
         fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
         masks.append(int(fields["mask"], 16))
     return masks
+
+
+class _GatedLogger:
+    """A structlog logger whose every call waits for ``gate``."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+
+    def msg(self, message: str) -> None:
+        self.gate.wait()
+
+    log = debug = info = warning = error = critical = exception = msg
+
+
+@contextlib.contextmanager
+def log_output_held() -> Iterator[None]:
+    """Inside: every structlog call blocks until the block ends, as it would for a thread
+    that found the log's write lock held."""
+    saved = structlog.get_config()
+    gate = threading.Event()
+    structlog.configure(logger_factory=lambda *args: _GatedLogger(gate))
+    try:
+        yield
+    finally:
+        gate.set()
+        structlog.configure(**saved)
+
+
+def returns_within(fn: Callable[..., object], args: tuple[object, ...], timeout: float) -> bool:
+    """Whether ``fn(*args)``, run in a thread, returns within ``timeout`` seconds."""
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +49,7 @@ from pynetdicom.dsutils import encode, encode_file_meta, split_dataset
 from structlog.testing import capture_logs
 
 from tests.conftest import fixture_images
-from tests.harness import Daemon, read_csv_both, small_tmpfs, wait_for
+from tests.harness import Daemon, log_output_held, read_csv_both, returns_within, small_tmpfs, wait_for
 from watcher import listener
 from watcher.config import Config, load_config
 from watcher.errors import WatcherError
@@ -542,6 +544,24 @@ class TestAssociationPolicy:
 
 
 class TestCli:
+    def test_the_signal_handler_only_queues_the_signal(self) -> None:
+        """It logs nothing and takes no lock (it may interrupt the main thread while that
+        holds the log's write lock); serve's loop logs it and sets ``stop``."""
+        signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        previous = listener._install_signal_handlers(signals)
+        try:
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler)
+            with log_output_held():
+                assert returns_within(handler, (signal.SIGTERM, None), 2.0), "blocked on the log"
+        finally:
+            listener._restore_signal_handlers(previous)
+        stop = threading.Event()
+        with capture_logs() as logs:
+            listener._take_signals(signals, stop, notify_systemd=False)
+        assert stop.is_set()
+        assert ["SIGTERM"] == [e["signal"] for e in logs if e["event"] == "signal_received"]
+
     def test_sigterm_and_notify(self, cfg: Config, tmp_path: Path) -> None:
         """cli_main sends READY=1, serves, and on SIGTERM sends STOPPING=1 and exits 0."""
         sock_path = tmp_path / "notify.sock"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import FULLRES, fixture_images, publish_tiny
-from tests.harness import Daemon, wait_for
+from tests.harness import Daemon, log_output_held, returns_within, wait_for
 from watcher.config import Config
 from watcher.errors import WatcherError
 from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
@@ -264,6 +265,60 @@ class TestRunOnce:
         time.sleep(0.2)
         svc.run(once=True)
         assert ["v0001"] == [r["model_version"] for r in rows_of(cfg)]
+
+
+class TestSignals:
+    def test_the_handler_only_queues_the_signal(self, make_config: Callable[..., Config]) -> None:
+        """The signal handler logs nothing and takes no lock: Python runs it between any two
+        steps of the main thread, perhaps while that thread holds the log's write lock, so a
+        handler that logged there would deadlock the daemon. The main thread then logs it
+        and acts on it."""
+        svc = Service(make_config())
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            svc.install_signal_handlers()
+            handler = signal.getsignal(signal.SIGHUP)
+            assert callable(handler)
+            with log_output_held():
+                for sig in (signal.SIGHUP, signal.SIGTERM):
+                    assert returns_within(handler, (sig, None), 2.0), f"{sig.name}: blocked on the log"
+            assert not svc._reload_now.is_set() and not svc._stop_taking.is_set()  # not yet: queued
+        finally:
+            for sig, previous in saved.items():
+                signal.signal(sig, previous)
+        with capture_logs() as logs:
+            svc._take_signals()  # what the main thread does at each turn of its loops
+        assert ["SIGHUP", "SIGTERM"] == [e["signal"] for e in logs if e["event"] == "signal_received"]
+        assert svc._reload_now.is_set() and svc._stop_taking.is_set()
+
+    def test_a_storm_of_sighups_while_files_flow_then_sigterm(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """Fifty SIGHUPs while 40 files are scored: every file gets its row, each signal is
+        logged by the main thread, and SIGTERM still stops the daemon cleanly."""
+        cfg = make_config(batch={"max_size": 4, "max_wait_ms": 20}, ingest={"settle_ms": 100})
+        d = Daemon(cfg)
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to start watching")
+            stage = cfg.inbox.parent / "stage"
+            stage.mkdir()
+            images = fixture_images()
+            for i in range(40):
+                shutil.copy(images[i % len(images)], stage / f"f{i:02d}.jpeg")
+            for i in range(40):
+                (stage / f"f{i:02d}.jpeg").rename(cfg.inbox / f"f{i:02d}.jpeg")
+                if i % 4 == 0:
+                    for _ in range(5):
+                        d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(rows_of(cfg)) == 40, 60, "a row for every file")
+            wait_for(lambda: len(d.events("signal_received")) >= 1, 30, "the signals to be logged")
+        finally:
+            rc = d.stop()
+        assert 0 == rc
+        got = [e["signal"] for e in d.events("signal_received")]
+        assert "SIGTERM" == got[-1]
+        assert 1 <= got.count("SIGHUP") <= 50  # signals that arrive together may be delivered once
+        assert d.events("stopped")
 
 
 class TestDaemon:

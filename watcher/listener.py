@@ -61,6 +61,7 @@ import argparse
 import errno
 import hashlib
 import os
+import queue
 import re
 import secrets
 import signal
@@ -445,16 +446,19 @@ def serve(
     stop: threading.Event | None = None,
     *,
     on_ready: Callable[[], None] | None = None,
+    notify_systemd: bool = False,
 ) -> int:
     """Run the Storage SCP until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
 
     ``ready`` is set (and ``on_ready()`` called) once the port is listening. On stop the
     port is closed first, open associations get ``SHUTDOWN_GRACE_S`` to finish, then are
     aborted. Returns the exit code, 0. Raises ``WatcherError`` when the port cannot be bound.
+    ``notify_systemd``: a signal also sends STOPPING=1.
     """
     own_signals = stop is None and threading.current_thread() is threading.main_thread()
     stop = stop if stop is not None else threading.Event()
-    previous = _install_signal_handlers(stop) if own_signals else {}
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    previous = _install_signal_handlers(signals) if own_signals else {}
     scp = StoreSCP(cfg)
     ae = build_ae(cfg)
     host, port = cfg.listener.host, cfg.listener.port
@@ -479,8 +483,8 @@ def serve(
             ready.set()
         if on_ready is not None:
             on_ready()
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            _take_signals(signals, stop, notify_systemd)
     finally:
         server.shutdown()  # no new connections
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
@@ -498,17 +502,33 @@ def serve(
     return 0
 
 
-def _install_signal_handlers(stop: threading.Event, notify_systemd: bool = False) -> dict[int, Any]:
+def _install_signal_handlers(signals: queue.SimpleQueue[int]) -> dict[int, Any]:
+    """SIGTERM/SIGINT are queued on ``signals``, nothing more.
+
+    Python runs a handler in the main thread between any two of its steps, perhaps while it
+    holds the log's write lock or an Event's lock: logging or setting an Event there could
+    deadlock. ``serve``'s loop acts on them (``_take_signals``).
+    """
+
     def on_stop(signum: int, frame: FrameType | None) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        if notify_systemd:
-            systemd.notify("STOPPING=1")
-        stop.set()
+        signals.put(signum)  # SimpleQueue.put is reentrant: safe in a signal handler
 
     previous: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, on_stop)
     return previous
+
+
+def _take_signals(signals: queue.SimpleQueue[int], stop: threading.Event, notify_systemd: bool) -> None:
+    while True:
+        try:
+            signum = signals.get_nowait()
+        except queue.Empty:
+            return
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        if notify_systemd:
+            systemd.notify("STOPPING=1")
+        stop.set()
 
 
 def _restore_signal_handlers(previous: dict[int, Any]) -> None:
@@ -522,14 +542,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(cfg: Config) -> int:
     """``xray-watcher listen``: SIGTERM/SIGINT stop, systemd READY=1/STOPPING=1, then ``serve``."""
-    stop = threading.Event()
-    previous = _install_signal_handlers(stop, notify_systemd=True)
     listener = cfg.listener
 
     def on_ready() -> None:
         systemd.notify(f"READY=1\nSTATUS=listening on {listener.host}:{listener.port} as {listener.ae_title}")
 
-    try:
-        return serve(cfg, stop=stop, on_ready=on_ready)
-    finally:
-        _restore_signal_handlers(previous)
+    return serve(cfg, on_ready=on_ready, notify_systemd=True)

@@ -333,6 +333,7 @@ class Service:
         self._input_done = threading.Event()  # --once: nothing more will arrive
         self._no_more_input = threading.Event()  # either of the two: stop waiting for files
         self._reload_now = threading.Event()  # SIGHUP
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()  # from the signal handler
         self._decoded: queue.Queue[list[Item] | None] = queue.Queue(maxsize=2)
         self._scored: queue.Queue[Scored | None] = queue.Queue(maxsize=1)
         self._reporter_error: BaseException | None = None
@@ -363,19 +364,32 @@ class Service:
         self._reload_now.set()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop, SIGHUP reloads the model (main thread only)."""
+        """SIGTERM/SIGINT stop, SIGHUP reloads the model (main thread only).
 
-        def on_stop(signum: int, frame: FrameType | None) -> None:
+        The handler only queues the signal. Python runs it in the main thread between any two
+        steps of what that thread is doing, perhaps while it holds the log's write lock or an
+        Event's lock: logging or setting an Event there could deadlock the daemon. The main
+        thread acts on queued signals within about 0.2 s (``_take_signals``).
+        """
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._signals.put(signum)  # SimpleQueue.put is reentrant: safe in a signal handler
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+
+    def _take_signals(self) -> None:
+        """Act on the signals queued since the last call (main thread)."""
+        while True:
+            try:
+                signum = self._signals.get_nowait()
+            except queue.Empty:
+                return
             log.info("signal_received", signal=signal.Signals(signum).name)
-            self.request_stop()
-
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            log.info("signal_received", signal="SIGHUP")
-            self.request_reload()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
+            if signum == signal.SIGHUP:
+                self.request_reload()
+            else:
+                self.request_stop()
 
     def run(self, once: bool = False, on_ready: Callable[[], None] | None = None) -> int:
         """Process the inbox; with ``once`` return when it is empty, else run until stopped."""
@@ -441,7 +455,10 @@ class Service:
     def _feed_once(self) -> None:
         """--once: everything in the inbox now, each file once it has settled."""
         self.ingest.rescan()
-        while not self._stop_taking.is_set():
+        while True:
+            self._take_signals()
+            if self._stop_taking.is_set():
+                break
             self.ingest.settle()
             if self.ingest.pending_count() == 0:
                 break
@@ -610,7 +627,8 @@ class Service:
         return self.ingest.pending_count() + self.ingest.ready.qsize() + waiting
 
     def _tick(self, force: bool = False) -> None:
-        """Every few seconds: the state file for ``xray-watcher status``, systemd's STATUS=, metrics."""
+        """Queued signals; and every few seconds the state file for ``status``, systemd's STATUS=, metrics."""
+        self._take_signals()
         now = time.monotonic()
         if not force and now - self._last_tick < TICK_S:
             return
