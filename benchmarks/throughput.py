@@ -103,7 +103,13 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 class Daemon:
-    """``xray-watcher run`` as a subprocess with a notify socket (READY time)."""
+    """``xray-watcher run`` as a subprocess with a notify socket (READY time).
+
+    Its log (stdout) and stderr go to files beside the config, so a full pipe can never
+    block it, and what it said is there when it misbehaves.
+    """
+
+    STOP_TIMEOUT_S = 120  # systemd's TimeoutStopSec in the shipped unit
 
     def __init__(self, cfg_path: Path, sock_path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -111,13 +117,16 @@ class Daemon:
         self.t0 = time.perf_counter()
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1"}
         env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-        )
+        self.log_path = cfg_path.parent / "daemon.log"
+        self.err_path = cfg_path.parent / "daemon.err"
+        with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "watcher", "run", "--config", str(cfg_path)],
+                env=env,
+                stdout=out,
+                stderr=err,
+                cwd=ROOT,
+            )
         self.sock.settimeout(120)
         while True:
             msg = self.sock.recv(4096).decode()
@@ -126,10 +135,45 @@ class Daemon:
                 break
 
     def stop(self) -> str:
+        """SIGTERM, and the daemon's stderr; if it has not exited within STOP_TIMEOUT_S, its
+        threads' stacks (py-spy, when installed), the tail of its log, and SIGKILL."""
         self.proc.terminate()
-        _, err = self.proc.communicate(timeout=120)
         self.sock.close()
-        return err.decode(errors="replace")
+        try:
+            self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            spy = shutil.which(
+                "py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+            )
+            dump = "py-spy is not installed"
+            if spy:
+                dump = subprocess.run(
+                    [spy, "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True, timeout=60
+                ).stdout
+            self.proc.kill()
+            self.proc.wait()
+            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
+            print(
+                f"the daemon did not stop within {self.STOP_TIMEOUT_S} s of SIGTERM and was killed; "
+                f"its threads:\n{dump}\nthe end of its log:\n" + "\n".join(tail),
+                file=sys.stderr,
+            )
+        return self.err_path.read_text(errors="replace")
+
+
+def wait_rows(rows_in: RowCounter, target: int, daemon: Daemon, poll_s: float, stall_s: float = 120) -> None:
+    """Until results.csv holds ``target`` rows; an error if no row comes for ``stall_s``."""
+    last, last_change = rows_in(), time.monotonic()
+    while last < target:
+        time.sleep(poll_s)
+        now = rows_in()
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change > stall_s or daemon.proc.poll() is not None:
+            tail = "\n".join(daemon.log_path.read_text(errors="replace").splitlines()[-20:])
+            raise RuntimeError(
+                f"{last} of {target} rows, none for {stall_s} s or the daemon exited; its log:\n{tail}"
+            )
 
 
 def seed_loop(files: list[Path], store: Path) -> float:
@@ -314,7 +358,7 @@ def main() -> int:
             "instance_id": "bench",
             "batch": {"max_size": args.batch, "max_wait_ms": 500},
             "decode": {"workers": cores, "second_look_margin": args.second_look_margin},
-            "log": {"level": "warning", "format": "json"},
+            "log": {"level": "info", "format": "json"},  # as shipped
             "explain": {"enabled": args.heatmaps},
             "review": {"page": ""},
         }
@@ -335,8 +379,7 @@ def main() -> int:
                 before = rows_in()
                 t0 = time.perf_counter()
                 p.rename(root / "inbox" / p.name)
-                while rows_in() <= before:
-                    time.sleep(0.002)
+                wait_rows(rows_in, before + 1, d, 0.002)
                 lat.append(time.perf_counter() - t0)
             results["latency_p50_ms"] = statistics.median(lat) * 1000
             results["latency_p95_ms"] = float(np.percentile(lat, 95)) * 1000
@@ -356,8 +399,7 @@ def main() -> int:
             t0 = time.perf_counter()
             for p in rest:
                 p.rename(root / "inbox" / p.name)
-            while rows_in() < before + len(rest):
-                time.sleep(0.01)
+            wait_rows(rows_in, before + len(rest), d, 0.01)
             elapsed = time.perf_counter() - t0
             cpu1 = cpu_seconds(d.proc.pid)
             results["e2e_files_s"] = len(rest) / elapsed
