@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ from watcher.explain import GradCam, overlay_png, write_overlay  # noqa: E402
 from watcher.imaging import decode, input_floor, preprocess  # noqa: E402
 from watcher.inference import Predictor  # noqa: E402
 from watcher.runtime import usable_cores  # noqa: E402
-from watcher.service import thumbnail  # noqa: E402
+from watcher.service import Item, needs_second_look, thumbnail  # noqa: E402
 
 
 class RowCounter:
@@ -134,6 +134,10 @@ class Daemon:
                 self.ready_s = time.perf_counter() - self.t0
                 break
 
+    def log_tail(self, n: int = 20) -> str:
+        """The last ``n`` lines of the daemon's log."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
     def stop(self) -> str:
         """SIGTERM, and the daemon's stderr; if it has not exited within STOP_TIMEOUT_S, its
         threads' stacks (py-spy, when installed), the tail of its log, and SIGKILL."""
@@ -152,10 +156,9 @@ class Daemon:
                 ).stdout
             self.proc.kill()
             self.proc.wait()
-            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
             print(
                 f"the daemon did not stop within {self.STOP_TIMEOUT_S} s of SIGTERM and was killed; "
-                f"its threads:\n{dump}\nthe end of its log:\n" + "\n".join(tail),
+                f"its threads:\n{dump}\nthe end of its log:\n{self.log_tail()}",
                 file=sys.stderr,
             )
         return self.err_path.read_text(errors="replace")
@@ -170,9 +173,9 @@ def wait_rows(rows_in: RowCounter, target: int, daemon: Daemon, poll_s: float, s
         if now != last:
             last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change > stall_s or daemon.proc.poll() is not None:
-            tail = "\n".join(daemon.log_path.read_text(errors="replace").splitlines()[-20:])
             raise RuntimeError(
-                f"{last} of {target} rows, none for {stall_s} s or the daemon exited; its log:\n{tail}"
+                f"{last} of {target} rows, none for {stall_s} s or the daemon exited; "
+                f"its log:\n{daemon.log_tail()}"
             )
 
 
@@ -264,11 +267,14 @@ def extra_work(
         out["gradcam_cpu_s"] = max(0.0, cam_cpu - model_cpu)
         model_cpu = cam_cpu  # what a second look's image costs in the daemon's pass
     fast = [decode(d, min_size=floor) for d in datas]
-    near = [f.reduced and margin <= p <= 1 - margin for f, p in zip(fast, probs, strict=True)]
-    borderline = [d for d, b in zip(datas, near, strict=True) if b]
-    out["second_look_share"] = len(borderline) / n if margin > 0 else 0.0
+    borderline = [
+        d
+        for d, f, p in zip(datas, fast, probs, strict=True)
+        if needs_second_look(Item(rel=PurePosixPath("probe"), path=Path(), reduced=f.reduced), p, margin)
+    ]
+    out["second_look_share"] = len(borderline) / n
     c0 = cpu_now()
-    for d in borderline if margin > 0 else []:
+    for d in borderline:
         preprocess(decode(d).image, predictor.spec)
     out["second_look_cpu_s"] = (cpu_now() - c0) / n + out["second_look_share"] * model_cpu
     if not heatmaps:

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -53,6 +52,8 @@ from tests.harness import Daemon, log_output_held, read_csv_both, returns_within
 from watcher import listener
 from watcher.config import Config, load_config
 from watcher.errors import WatcherError
+from watcher.signals import SignalQueue
+from watcher.signals import restore as restore_signals
 
 DX = DigitalXRayImageStorageForPresentation
 SC = SecondaryCaptureImageStorage
@@ -547,15 +548,15 @@ class TestCli:
     def test_the_signal_handler_only_queues_the_signal(self) -> None:
         """It logs nothing and takes no lock (it may interrupt the main thread while that
         holds the log's write lock); serve's loop logs it and sets ``stop``."""
-        signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-        previous = listener._install_signal_handlers(signals)
+        signals = SignalQueue()
+        previous = signals.install((signal.SIGTERM, signal.SIGINT))
         try:
             handler = signal.getsignal(signal.SIGTERM)
             assert callable(handler)
             with log_output_held():
                 assert returns_within(handler, (signal.SIGTERM, None), 2.0), "blocked on the log"
         finally:
-            listener._restore_signal_handlers(previous)
+            restore_signals(previous)
         stop = threading.Event()
         with capture_logs() as logs:
             listener._take_signals(signals, stop, notify_systemd=False)

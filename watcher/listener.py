@@ -61,7 +61,6 @@ import argparse
 import errno
 import hashlib
 import os
-import queue
 import re
 import secrets
 import signal
@@ -70,7 +69,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -100,6 +98,8 @@ from watcher import systemd
 from watcher.config import Config
 from watcher.errors import ConfigError, WatcherError
 from watcher.fsutil import fsync_dir
+from watcher.signals import SignalQueue
+from watcher.signals import restore as restore_signals
 
 log = structlog.get_logger()
 
@@ -457,8 +457,8 @@ def serve(
     """
     own_signals = stop is None and threading.current_thread() is threading.main_thread()
     stop = stop if stop is not None else threading.Event()
-    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-    previous = _install_signal_handlers(signals) if own_signals else {}
+    signals = SignalQueue()
+    previous = signals.install((signal.SIGTERM, signal.SIGINT)) if own_signals else {}
     scp = StoreSCP(cfg)
     ae = build_ae(cfg)
     host, port = cfg.listener.host, cfg.listener.port
@@ -466,7 +466,7 @@ def serve(
     try:
         server = ae.start_server(address, block=False, evt_handlers=scp.handlers())
     except OSError as exc:
-        _restore_signal_handlers(previous)
+        restore_signals(previous)
         raise WatcherError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     assert server is not None  # block=False returns the running server
     bound_port = server.server_address[1]
@@ -497,43 +497,17 @@ def serve(
         for assoc in server.active_associations:
             assoc.join(timeout=5)
         ae.shutdown()
-        _restore_signal_handlers(previous)
+        restore_signals(previous)
         log.info("listener_stopped", port=bound_port, n_aborted=n_aborted, **scp.totals)
     return 0
 
 
-def _install_signal_handlers(signals: queue.SimpleQueue[int]) -> dict[int, Any]:
-    """SIGTERM/SIGINT are queued on ``signals``, nothing more.
-
-    Python runs a handler in the main thread between any two of its steps, perhaps while it
-    holds the log's write lock or an Event's lock: logging or setting an Event there could
-    deadlock. ``serve``'s loop acts on them (``_take_signals``).
-    """
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        signals.put(signum)  # SimpleQueue.put is reentrant: safe in a signal handler
-
-    previous: dict[int, Any] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, on_stop)
-    return previous
-
-
-def _take_signals(signals: queue.SimpleQueue[int], stop: threading.Event, notify_systemd: bool) -> None:
-    while True:
-        try:
-            signum = signals.get_nowait()
-        except queue.Empty:
-            return
-        log.info("signal_received", signal=signal.Signals(signum).name)
+def _take_signals(signals: SignalQueue, stop: threading.Event, notify_systemd: bool) -> None:
+    """A queued SIGTERM/SIGINT stops the listener (and says STOPPING=1 to systemd if asked)."""
+    if signals.take():
         if notify_systemd:
             systemd.notify("STOPPING=1")
         stop.set()
-
-
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
-from types import FrameType
 from typing import Any, TypeVar
 
 import cv2
@@ -58,6 +57,7 @@ from watcher.ingest import Ingest
 from watcher.logs import capture_library_warnings, configure_logging
 from watcher.report import ResultRow, ResultsWriter, find_rows, format_utc, low_disk_warning
 from watcher.review import ReviewPage
+from watcher.signals import SignalQueue
 from watcher.status import DiskUsage, StatusWriter, make_state, summary_line
 
 log = structlog.get_logger()
@@ -333,7 +333,7 @@ class Service:
         self._input_done = threading.Event()  # --once: nothing more will arrive
         self._no_more_input = threading.Event()  # either of the two: stop waiting for files
         self._reload_now = threading.Event()  # SIGHUP
-        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()  # from the signal handler
+        self._signals = SignalQueue()  # filled by the signal handler, emptied by the main thread
         self._decoded: queue.Queue[list[Item] | None] = queue.Queue(maxsize=2)
         self._scored: queue.Queue[Scored | None] = queue.Queue(maxsize=1)
         self._reporter_error: BaseException | None = None
@@ -366,27 +366,15 @@ class Service:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads the model (main thread only).
 
-        The handler only queues the signal. Python runs it in the main thread between any two
-        steps of what that thread is doing, perhaps while it holds the log's write lock or an
-        Event's lock: logging or setting an Event there could deadlock the daemon. The main
-        thread acts on queued signals within about 0.2 s (``_take_signals``).
+        The handler only queues the signal (``watcher.signals``); the main thread acts on it
+        within about 0.2 s (``_take_signals``).
         """
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self._signals.put(signum)  # SimpleQueue.put is reentrant: safe in a signal handler
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
+        self._signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     def _take_signals(self) -> None:
         """Act on the signals queued since the last call (main thread)."""
-        while True:
-            try:
-                signum = self._signals.get_nowait()
-            except queue.Empty:
-                return
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            if signum == signal.SIGHUP:
+        for sig in self._signals.take():
+            if sig == signal.SIGHUP:
                 self.request_reload()
             else:
                 self.request_stop()
