@@ -443,9 +443,12 @@ class TestSystemdNotify:
             return n
 
         try:
-            deadline = time.monotonic() + 120
-            while not (cfg.work_dir / "lock").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            # count from READY=1, sent just before the loop that pings starts: the lock file
+            # appears before the model is loaded, and counting from it raced with start-up
+            deadline, ready = time.monotonic() + 120, False
+            while not ready and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    ready = "READY=1" in sock.recv(4096).decode()
             assert pings_during(1.0) >= 3  # idle: pinged every 0.2 s
             shutil.copy(fixture_images()[0], cfg.inbox / "a.jpeg")
             assert entered.wait(30), "the reporter never reached the row"
