@@ -120,23 +120,63 @@ class TestModels:
         assert sorted([*before, "v0003", "v0004"]) == after  # no build folder left behind
 
 
-class TestTrainUsage:
-    def test_bad_architecture_and_tile_grid_are_usage_errors(self, tmp_path: Path) -> None:
-        """An unknown --arch, --clahe-tiles on an architecture without CLAHE or out of range:
-        exit 1 with one line saying why, no traceback, nothing published."""
-        store = tmp_path / "store"
-        store.mkdir()
+USAGE_RUNNER = """
+import contextlib, io, json, sys
+from watcher.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    out.append([rc, err.getvalue()])
+print(json.dumps({"results": out, "tensorflow_loaded": "tensorflow" in sys.modules}))
+"""
+
+
+class TestUsageErrors:
+    def test_reported_before_tensorflow_loads_and_nothing_published(
+        self, store: Path, tmp_path: Path
+    ) -> None:
+        """An unknown --arch, --clahe-tiles on an architecture without CLAHE or out of range, a
+        --data folder that is missing or lacks a class: exit 1 with one line saying why, no
+        traceback, nothing published, and TensorFlow (5 s of loading) never imported."""
+        empty_store = tmp_path / "store"
+        empty_store.mkdir()
+        one_class = tmp_path / "one_class"
+        (one_class / "NORMAL").mkdir(parents=True)
+        missing = tmp_path / "nowhere"
+        train = ["train", "--data", str(TRAIN_FIXTURES), "--store", str(empty_store)]
         cases = [
-            (("--arch", "foo"), "unknown architecture 'foo'"),
-            (("--arch", "seed", "--clahe-tiles", "4"), "does not use CLAHE"),
-            (("--clahe-tiles", "0"), "clahe_tiles must be 1 to 32"),
+            ([*train, "--arch", "foo"], "unknown architecture 'foo'"),
+            ([*train, "--arch", "seed", "--clahe-tiles", "4"], "does not use CLAHE"),
+            ([*train, "--clahe-tiles", "0"], "clahe_tiles must be 1 to 32"),
+            (["train", "--data", str(missing), "--store", str(empty_store)], "missing: the folder itself"),
+            (["evaluate", "--store", str(store), "--data", str(one_class)], "missing: PNEUMONIA"),
+            (["calibrate", "--store", str(store), "--data", str(missing)], "missing: the folder itself"),
         ]
-        for extra, message in cases:
-            proc = cli("train", "--data", str(TRAIN_FIXTURES), "--store", str(store), *extra)
-            assert 1 == proc.returncode, proc.stderr
-            assert message in proc.stderr
-            assert "Traceback" not in proc.stderr
-        assert [] == list(store.iterdir())
+        before = sorted(p.name for p in store.iterdir())
+        proc = subprocess.run(
+            [sys.executable, "-c", USAGE_RUNNER, json.dumps([argv for argv, _ in cases])],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        got = json.loads(proc.stdout.splitlines()[-1])
+        for (argv, message), (rc, err) in zip(cases, got["results"], strict=True):
+            assert 1 == rc, (argv, err)
+            assert message in err, (argv, err)
+            assert "Traceback" not in err
+        assert not got["tensorflow_loaded"]
+        assert [] == list(empty_store.iterdir())
+        assert before == sorted(p.name for p in store.iterdir())
+
+    def test_the_console_script_says_why(self, tmp_path: Path) -> None:
+        """The same through the installed entry point: exit 1, the reason on stderr, no traceback."""
+        proc = cli("train", "--data", str(tmp_path / "nowhere"), "--store", str(tmp_path))
+        assert 1 == proc.returncode
+        assert "--data: " in proc.stderr and "missing: the folder itself" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 class TestEvaluate:

@@ -21,6 +21,7 @@ from watcher.config import Config, DecodeConfig, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.logs import capture_thread_crashes, configure_logging
 from watcher.runtime import import_tensorflow, quiet_tensorflow
+from watcher.splits import class_folder_problem
 
 log = structlog.get_logger()
 
@@ -227,11 +228,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _usage_errors(args: argparse.Namespace) -> None:
+    """Mistakes in the command line that show without TensorFlow, raised before it loads (5 s)."""
+    if args.command in ("train", "evaluate", "calibrate"):
+        problem = class_folder_problem(Path(args.data))
+        if problem:
+            raise WatcherError(f"--data: {problem}")
+    if args.command == "train":
+        _train_options(args)
+
+
+def _train_options(args: argparse.Namespace) -> Any:
+    """``TrainOptions`` from the command line; an unknown --arch or a bad --clahe-tiles is a
+    usage error, not a traceback."""
     import dataclasses
 
     from watcher.architectures import DEFAULT_ARCH, defaults
-    from watcher.train import TrainOptions, train
+    from watcher.train import TrainOptions
 
     kwargs = {
         "data": args.data,
@@ -244,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     arch = kwargs["arch"] = args.arch or DEFAULT_ARCH
     try:
-        spec = defaults(arch).spec  # an unknown name is a usage error, not a traceback
+        spec = defaults(arch).spec
     except ValueError as exc:
         raise WatcherError(str(exc)) from exc
     if args.clahe_tiles is not None:
@@ -254,8 +267,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             kwargs["spec"] = dataclasses.replace(spec, clahe_tiles=args.clahe_tiles)
         except ValueError as exc:
             raise WatcherError(f"--clahe-tiles: {exc}") from exc
-    version = train(TrainOptions(**kwargs))
-    print(version)
+    return TrainOptions(**kwargs)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from watcher.train import train
+
+    print(train(_train_options(args)))
     return 0
 
 
@@ -323,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             configure_logging("info", "auto", stream=sys.stderr)
             quiet_tensorflow("info")
+        _usage_errors(args)
         if args.command in _NEEDS_TENSORFLOW:
             import_tensorflow()
         if args.command == "run":

@@ -395,14 +395,12 @@ def evaluate_folder(
     """
     import json
 
-    from watcher.splits import list_samples, patient_id
+    from watcher.splits import class_folder_problem, list_samples, patient_id
 
     data_dir = Path(data_dir)
-    missing = [c for c in CLASS_NAMES if not (data_dir / c).is_dir()]
-    if missing:
-        raise EvaluationError(
-            f"{data_dir} must hold NORMAL/ and PNEUMONIA/ subfolders; missing: {', '.join(missing)}"
-        )
+    problem = class_folder_problem(data_dir)
+    if problem:
+        raise EvaluationError(problem)
     samples = list_samples(data_dir)
     if not samples:
         raise EvaluationError(f"no images (.jpeg/.jpg/.png/.dcm) under {data_dir}/NORMAL or /PNEUMONIA")

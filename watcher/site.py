@@ -40,7 +40,7 @@ from watcher import __version__, calibration, drift, evaluation, model_store
 from watcher.dicom import population_of
 from watcher.errors import DecodeError, EvaluationError, WatcherError
 from watcher.imaging import decode_bytes, preprocess
-from watcher.splits import CLASS_NAMES, list_samples, patient_key
+from watcher.splits import CLASS_NAMES, class_folder_problem, list_samples, patient_key
 
 log = structlog.get_logger()
 
@@ -66,11 +66,9 @@ def _score(predictor: Any, inputs: npt.NDArray[np.float32], batch: int = 32) -> 
 
 def _load(data: Path, predictor: Any) -> dict[str, Any]:
     """Decode + preprocess every image of the sample; unreadable files are skipped and listed."""
-    missing = [c for c in CLASS_NAMES if not (data / c).is_dir()]
-    if missing:
-        raise EvaluationError(
-            f"{data} must hold NORMAL/ and PNEUMONIA/ subfolders; missing: {', '.join(missing)}"
-        )
+    problem = class_folder_problem(data)
+    if problem:
+        raise EvaluationError(problem)
     inputs, labels, groups, files, skipped = [], [], [], [], []
     for s in list_samples(data):
         raw = s.path.read_bytes()

@@ -118,6 +118,17 @@ class Split:
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
 
+def class_folder_problem(data_dir: Path) -> str | None:
+    """Why ``data_dir`` is not a labelled folder (one with ``NORMAL/`` and ``PNEUMONIA/``), or None."""
+    if not data_dir.is_dir():
+        missing = "the folder itself"
+    else:
+        missing = ", ".join(c for c in CLASS_NAMES if not (data_dir / c).is_dir())
+    if not missing:
+        return None
+    return f"{data_dir} must hold NORMAL/ and PNEUMONIA/ subfolders; missing: {missing}"
+
+
 def list_samples(data_dir: Path) -> list[Sample]:
     """Image files under ``NORMAL/`` and ``PNEUMONIA/`` (sorted, so order is reproducible)."""
     out: list[Sample] = []

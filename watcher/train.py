@@ -62,7 +62,14 @@ from watcher.augment import PROBES, AugmentOptions, augment_grey
 from watcher.dicom import DEFAULT_POPULATION
 from watcher.errors import DecodeError, ModelStoreError, TrainingError
 from watcher.imaging import GreyImage, PreprocessSpec, decode_image, preprocess
-from watcher.splits import CLASS_NAMES, Sample, count_by_class, list_samples, split_samples
+from watcher.splits import (
+    CLASS_NAMES,
+    Sample,
+    class_folder_problem,
+    count_by_class,
+    list_samples,
+    split_samples,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = structlog.get_logger()
@@ -271,12 +278,9 @@ def _library_versions() -> dict[str, str]:
 
 
 def _check_data(data: Path, samples: Sequence[Sample]) -> None:
-    missing = [c for c in CLASS_NAMES if not (data / c).is_dir()]
-    if not data.is_dir() or missing:
-        raise TrainingError(
-            f"training folder {data} must hold NORMAL/ and PNEUMONIA/ subfolders; "
-            f"missing: {', '.join(missing) if data.is_dir() else 'the folder itself'}"
-        )
+    problem = class_folder_problem(data)
+    if problem:
+        raise TrainingError(f"training folder {problem}")
     for label, cls in enumerate(CLASS_NAMES):
         groups = {s.group for s in samples if s.label == label}
         if len(groups) < MIN_PATIENTS_PER_CLASS:
