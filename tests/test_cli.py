@@ -94,6 +94,17 @@ class TestModels:
         assert 0 == proc.returncode, proc.stderr
         assert "v0003" == proc.stdout.strip()
         assert "v0002" == (mine / "CURRENT").read_text().strip()  # not promoted
+        broken = tmp_path / "broken"
+        shutil.copytree(source, broken)
+        (broken / "model.keras").write_bytes(b"not a model")
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (promoted, predicted, *refused), _ = cli_in_one_process(
+            ["models", "--store", str(mine), "import", str(source), "--promote"],
+            ["predict", "--store", str(mine), str(fixture_images()[0])],
+            ["models", "--store", str(mine), "import", str(broken)],
+            ["models", "--store", str(mine), "import", str(empty)],
+        )
         meta = json.loads((mine / "v0003" / "metadata.json").read_text())
         assert "v0003" == meta["version"]
         sha = hashlib.sha256((source / "model.keras").read_bytes()).hexdigest()
@@ -101,36 +112,38 @@ class TestModels:
             "imported_from"
         ]
         assert (source / "model.keras").read_bytes() == (mine / "v0003" / "model.keras").read_bytes()
-        promoted = cli("models", "--store", str(mine), "import", str(source), "--promote")
-        assert "v0004" == promoted.stdout.strip() == (mine / "CURRENT").read_text().strip()
-        pred = cli("predict", "--store", str(mine), str(fixture_images()[0]))
-        assert 0 == pred.returncode and ",v0004," in pred.stdout, pred.stderr
-
-        broken = tmp_path / "broken"
-        shutil.copytree(source, broken)
-        (broken / "model.keras").write_bytes(b"not a model")
-        bad = cli("models", "--store", str(mine), "import", str(broken))
-        assert 1 == bad.returncode
-        assert "cannot load" in bad.stderr
-        empty = tmp_path / "empty"
-        empty.mkdir()
-        bad = cli("models", "--store", str(mine), "import", str(empty))
-        assert 1 == bad.returncode and "not a model version" in bad.stderr
+        assert "v0004" == promoted[1].strip() == (mine / "CURRENT").read_text().strip()
+        assert 0 == predicted[0] and ",v0004," in predicted[1], predicted[2]
+        (rc, _, err), (rc_empty, _, err_empty) = refused
+        assert 1 == rc and "cannot load" in err
+        assert 1 == rc_empty and "not a model version" in err_empty
         after = sorted(p.name for p in mine.iterdir())
         assert sorted([*before, "v0003", "v0004"]) == after  # no build folder left behind
 
 
-USAGE_RUNNER = """
+IN_ONE_PROCESS = """
 import contextlib, io, json, sys
 from watcher.cli import main
 out = []
 for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = main(argv)
-    out.append([rc, err.getvalue()])
+    out.append([rc, stdout.getvalue(), stderr.getvalue()])
 print(json.dumps({"results": out, "tensorflow_loaded": "tensorflow" in sys.modules}))
 """
+
+
+def cli_in_one_process(*argvs: list[str]) -> tuple[list[tuple[int, str, str]], bool]:
+    """Several command lines through ``watcher.cli.main`` in one fresh Python: (exit code,
+    stdout, stderr) of each, and whether TensorFlow got imported. TensorFlow loads once
+    instead of once per command (5 s each)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", IN_ONE_PROCESS, json.dumps(argvs)], capture_output=True, text=True, timeout=300
+    )
+    assert 0 == proc.returncode, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    return [(rc, out, err) for rc, out, err in got["results"]], bool(got["tensorflow_loaded"])
 
 
 class TestUsageErrors:
@@ -155,19 +168,12 @@ class TestUsageErrors:
             (["calibrate", "--store", str(store), "--data", str(missing)], "missing: the folder itself"),
         ]
         before = sorted(p.name for p in store.iterdir())
-        proc = subprocess.run(
-            [sys.executable, "-c", USAGE_RUNNER, json.dumps([argv for argv, _ in cases])],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert 0 == proc.returncode, proc.stderr[-2000:]
-        got = json.loads(proc.stdout.splitlines()[-1])
-        for (argv, message), (rc, err) in zip(cases, got["results"], strict=True):
+        results, tensorflow_loaded = cli_in_one_process(*(argv for argv, _ in cases))
+        for (argv, message), (rc, _, err) in zip(cases, results, strict=True):
             assert 1 == rc, (argv, err)
             assert message in err, (argv, err)
             assert "Traceback" not in err
-        assert not got["tensorflow_loaded"]
+        assert not tensorflow_loaded
         assert [] == list(empty_store.iterdir())
         assert before == sorted(p.name for p in store.iterdir())
 
