@@ -151,8 +151,9 @@ class TestUsageErrors:
         self, store: Path, tmp_path: Path
     ) -> None:
         """An unknown --arch, --clahe-tiles on an architecture without CLAHE or out of range, a
-        --data folder that is missing or lacks a class: exit 1 with one line saying why, no
-        traceback, nothing published, and TensorFlow (5 s of loading) never imported."""
+        --data folder that is missing or lacks a class, a store without a current version, an
+        unknown version: exit 1 with one line saying why, no traceback, nothing published, and
+        TensorFlow (5 s of loading) never imported."""
         empty_store = tmp_path / "store"
         empty_store.mkdir()
         one_class = tmp_path / "one_class"
@@ -166,6 +167,20 @@ class TestUsageErrors:
             (["train", "--data", str(missing), "--store", str(empty_store)], "missing: the folder itself"),
             (["evaluate", "--store", str(store), "--data", str(one_class)], "missing: PNEUMONIA"),
             (["calibrate", "--store", str(store), "--data", str(missing)], "missing: the folder itself"),
+            (["predict", "--store", str(empty_store), str(fixture_images()[0])], "no CURRENT pointer"),
+            (
+                [
+                    "evaluate",
+                    "--store",
+                    str(store),
+                    "--model-version",
+                    "v0099",
+                    "--data",
+                    str(TRAIN_FIXTURES),
+                ],
+                "v0099",
+            ),
+            (["calibrate", "--store", str(store), "--base", "v0099", "--data", str(TRAIN_FIXTURES)], "v0099"),
         ]
         before = sorted(p.name for p in store.iterdir())
         results, tensorflow_loaded = cli_in_one_process(*(argv for argv, _ in cases))

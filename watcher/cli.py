@@ -236,6 +236,10 @@ def _usage_errors(args: argparse.Namespace) -> None:
             raise WatcherError(f"--data: {problem}")
     if args.command == "train":
         _train_options(args)
+    if args.command in ("predict", "evaluate", "calibrate"):
+        store = _store_from(args)
+        version = getattr(args, "model_version", None) or getattr(args, "base", None)
+        model_store.read_metadata(store, version or model_store.current_version(store))
 
 
 def _train_options(args: argparse.Namespace) -> Any:
