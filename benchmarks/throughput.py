@@ -420,8 +420,8 @@ def main() -> int:
             )
         finally:
             err = d.stop()
-        if "Traceback" in err:
-            print(err[-3000:], file=sys.stderr)
+        if "Traceback" in err or "Timeout (" in err:  # a crash, or a stop past stop_timeout_s (its stacks)
+            print(err[-6000:], file=sys.stderr)
         heat = sorted((root / "heatmaps").rglob("*.png")) if args.heatmaps else []
 
     datas = [p.read_bytes() for p in files]

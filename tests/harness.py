@@ -268,7 +268,12 @@ class Daemon:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=60)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # leave no wedged daemon behind the failing test
+            self.proc.wait()
+            raise
         self._reader.join(5)
         assert self.proc.stdout is not None
         self.proc.stdout.close()

@@ -320,6 +320,26 @@ class TestSignals:
         assert 1 <= got.count("SIGHUP") <= 50  # signals that arrive together may be delivered once
         assert d.events("stopped")
 
+    def test_a_stop_that_never_ends_dumps_the_threads_and_exits_1(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """A daemon wedged after SIGTERM (here at the very end of its stop, where a library's
+        exit could hang) writes every thread's stack to stderr and exits 1 once stop_timeout_s
+        has passed, instead of waiting for systemd's SIGKILL, which leaves no trace."""
+        cfg = make_config(stop_timeout_s=2)
+        d = Daemon(cfg, env={"XRAY_WATCHER_HANG_AT": "stopped"})
+        d.wait_event("watching")
+        t0 = time.monotonic()
+        rc = d.stop()  # waits at most 60 s
+        elapsed = time.monotonic() - t0
+        assert 1 == rc
+        assert 2.0 <= elapsed < 30
+        assert [2] == [e["stop_timeout_s"] for e in d.events("stop_deadline_armed")]
+        assert d.events("stopped")  # the work was done; only the exit hung
+        dump = "".join(str(e["text"]) for e in d.events("raw"))
+        assert "Timeout (0:00:02)!" in dump
+        assert "most recent call first" in dump and "failpoints.py" in dump  # where it waited
+
 
 class TestDaemon:
     def test_picks_up_dropped_file_swaps_model_and_stops_on_sigterm(

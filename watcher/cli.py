@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
     capture_thread_crashes()
     service = Service(cfg)
-    service.install_signal_handlers()
+    service.install_signal_handlers(stop_deadline=True)
     return service.run(once=args.once)
 
 

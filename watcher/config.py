@@ -141,6 +141,7 @@ class Config:
     filing: FilingConfig = field(default_factory=FilingConfig)
     instance_id: str = ""
     model_poll_s: float = 10.0
+    stop_timeout_s: float = 90.0
     source: Path | None = None
 
     @property
@@ -172,6 +173,7 @@ _POSITIVE_KEYS = {
     "decode.max_pixels",
     "decode.max_file_mb",
     "model_poll_s",
+    "stop_timeout_s",
     "review.max_rows",
     "review.interval_s",
     "report.max_mb",

@@ -1,9 +1,11 @@
-"""Crash injection for the crash-safety tests: ``XRAY_WATCHER_CRASH_AT=point[:n]``.
+"""Crash and hang injection for the crash-safety tests: ``XRAY_WATCHER_CRASH_AT=point[:n]``,
+``XRAY_WATCHER_HANG_AT=point``.
 
 When the variable names a point, the process kills itself with SIGKILL the n-th time
 (default 1st) it reaches that point, exactly as a power cut or ``kill -9`` would. Unset (as
 in production), ``hit()`` is a string comparison and nothing else. ``torn_write`` (in the
 results append) first writes half of the rows, as a kill in the middle of the write would.
+``hang()`` blocks the calling thread for good at its point, as a wedged library would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import threading
 
 _SPEC = os.environ.get("XRAY_WATCHER_CRASH_AT", "")
+_HANG_AT = os.environ.get("XRAY_WATCHER_HANG_AT", "")
 _POINT, _, _NTH = _SPEC.partition(":")
 _COUNT = int(_NTH) if _NTH.isdigit() else 1
 _hits = 0
@@ -39,6 +42,12 @@ def hit(point: str) -> None:
         _hits += 1
         if _hits >= _COUNT:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang(point: str) -> None:
+    """Block forever if ``point`` is the one ``XRAY_WATCHER_HANG_AT`` names."""
+    if point == _HANG_AT:
+        threading.Event().wait()
 
 
 def torn_write(fd: int, data: bytes) -> None:

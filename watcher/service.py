@@ -57,7 +57,7 @@ from watcher.ingest import Ingest
 from watcher.logs import capture_library_warnings, configure_logging
 from watcher.report import ResultRow, ResultsWriter, find_rows, format_utc, low_disk_warning
 from watcher.review import ReviewPage
-from watcher.signals import SignalQueue
+from watcher.signals import SignalQueue, arm_exit_deadline
 from watcher.status import DiskUsage, StatusWriter, make_state, summary_line
 
 log = structlog.get_logger()
@@ -334,6 +334,7 @@ class Service:
         self._no_more_input = threading.Event()  # either of the two: stop waiting for files
         self._reload_now = threading.Event()  # SIGHUP
         self._signals = SignalQueue()  # filled by the signal handler, emptied by the main thread
+        self._stop_deadline = False  # install_signal_handlers(stop_deadline=True): bounded stop
         self._decoded: queue.Queue[list[Item] | None] = queue.Queue(maxsize=2)
         self._scored: queue.Queue[Scored | None] = queue.Queue(maxsize=1)
         self._reporter_error: BaseException | None = None
@@ -363,12 +364,16 @@ class Service:
         """Check the model store for a new current version now."""
         self._reload_now.set()
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, stop_deadline: bool = False) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads the model (main thread only).
 
         The handler only queues the signal (``watcher.signals``); the main thread acts on it
-        within about 0.2 s (``_take_signals``).
+        within about 0.2 s (``_take_signals``). With ``stop_deadline`` (the ``run`` command's
+        process, not a test's), a process still alive ``stop_timeout_s`` after the first
+        SIGTERM/SIGINT dumps its threads' stacks to stderr and exits with status 1; claimed
+        files are recovered at the next start, as after a crash.
         """
+        self._stop_deadline = stop_deadline
         self._signals.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     def _take_signals(self) -> None:
@@ -376,8 +381,11 @@ class Service:
         for sig in self._signals.take():
             if sig == signal.SIGHUP:
                 self.request_reload()
-            else:
-                self.request_stop()
+                continue
+            if self._stop_deadline and not self._stop_taking.is_set():
+                arm_exit_deadline(self.cfg.stop_timeout_s)
+                log.info("stop_deadline_armed", stop_timeout_s=self.cfg.stop_timeout_s)
+            self.request_stop()
 
     def run(self, once: bool = False, on_ready: Callable[[], None] | None = None) -> int:
         """Process the inbox; with ``once`` return when it is empty, else run until stopped."""
@@ -438,6 +446,7 @@ class Service:
             population_warnings=self.counts["warnings"],
             rows_written=self.results.rows_written,
         )
+        failpoints.hang("stopped")  # tests: a teardown that never ends
         return 0
 
     def _feed_once(self) -> None:

@@ -10,6 +10,7 @@ is reentrant, documented as safe in signal handlers), and the main thread's loop
 
 from __future__ import annotations
 
+import faulthandler
 import queue
 import signal
 from collections.abc import Iterable
@@ -51,3 +52,15 @@ def restore(previous: dict[int, Any]) -> None:
     """Put back the handlers ``SignalQueue.install`` replaced."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def arm_exit_deadline(seconds: float) -> None:
+    """If the process is still alive ``seconds`` from now, dump every thread's stack to stderr
+    and exit with status 1.
+
+    For a stop that does not end: faulthandler's timer is a C thread, so it fires while Python
+    is wedged, and also during interpreter teardown after ``main`` has returned, where
+    TensorFlow's exit hangs are known. Set below systemd's ``TimeoutStopSec``, whose SIGKILL
+    leaves no trace of where the process waited. Replaces a timer armed before.
+    """
+    faulthandler.dump_traceback_later(seconds, exit=True)
