@@ -563,6 +563,34 @@ class TestCli:
         assert stop.is_set()
         assert ["SIGTERM"] == [e["signal"] for e in logs if e["event"] == "signal_received"]
 
+    def test_the_listen_command_dumps_its_threads_on_sigabrt(self, cfg: Config) -> None:
+        """`xray-watcher listen`, killed with SIGABRT (systemd's watchdog signal, or a native
+        crash), first writes each thread's Python stack to stderr."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "listen", "--config", str(cfg.source)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if '"listener_started"' in line:
+                    break
+            proc.send_signal(signal.SIGABRT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert -signal.SIGABRT == proc.returncode
+        dump = "".join(lines) + out
+        assert "Fatal Python error: Aborted" in dump and "most recent call first" in dump
+        assert "listener.py" in dump  # where its main thread was
+
     def test_sigterm_and_notify(self, cfg: Config, tmp_path: Path) -> None:
         """cli_main sends READY=1, serves, and on SIGTERM sends STOPPING=1 and exits 0."""
         sock_path = tmp_path / "notify.sock"

@@ -320,6 +320,22 @@ class TestSignals:
         assert 1 <= got.count("SIGHUP") <= 50  # signals that arrive together may be delivered once
         assert d.events("stopped")
 
+    def test_sigabrt_from_the_systemd_watchdog_leaves_every_threads_stack(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """systemd kills a daemon that stopped pinging its watchdog with SIGABRT: the process
+        still dies of it, but first writes each thread's Python stack to stderr (the journal)."""
+        cfg = make_config()
+        d = Daemon(cfg)
+        d.wait_event("watching")
+        rc = d.stop(signal.SIGABRT)
+        assert -signal.SIGABRT == rc
+        dump = "".join(str(e["text"]) for e in d.events("raw"))
+        assert "Fatal Python error: Aborted" in dump
+        assert "most recent call first" in dump
+        for where in ("service.py", "_infer_loop", "_decode_loop"):  # the main loop and the decoder
+            assert where in dump, where
+
     def test_a_stop_that_never_ends_dumps_the_threads_and_exits_1(
         self, make_config: Callable[..., Config]
     ) -> None:

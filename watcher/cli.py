@@ -21,6 +21,7 @@ from watcher.config import Config, DecodeConfig, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.logs import capture_thread_crashes, configure_logging
 from watcher.runtime import import_tensorflow, quiet_tensorflow
+from watcher.signals import dump_stacks_on_fatal_signals
 from watcher.splits import class_folder_problem
 
 log = structlog.get_logger()
@@ -129,6 +130,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from watcher.service import Service
 
     capture_thread_crashes()
+    dump_stacks_on_fatal_signals()
     service = Service(cfg)
     service.install_signal_handlers(stop_deadline=True)
     return service.run(once=args.once)
@@ -372,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             assert cfg is not None
             capture_thread_crashes()
+            dump_stacks_on_fatal_signals()
             return listener.cli_main(cfg)
         if args.command == "init":
             from watcher import init

@@ -54,6 +54,17 @@ def restore(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
+def dump_stacks_on_fatal_signals() -> None:
+    """On SIGABRT, SIGSEGV, SIGFPE, SIGBUS or SIGILL, write every thread's Python stack to stderr
+    before the process dies.
+
+    systemd's watchdog (``WatchdogSec=``) kills a daemon that stopped pinging with SIGABRT, and a
+    crash in native code (TensorFlow, OpenCV, a pixel plugin) raises the others: without this,
+    the journal shows only that the process died, not where each thread was.
+    """
+    faulthandler.enable(all_threads=True)
+
+
 def arm_exit_deadline(seconds: float) -> None:
     """If the process is still alive ``seconds`` from now, dump every thread's stack to stderr
     and exit with status 1.
