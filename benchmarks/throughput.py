@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -133,6 +134,22 @@ class Daemon:
             if "READY=1" in msg:
                 self.ready_s = time.perf_counter() - self.t0
                 break
+        # keep reading, as systemd does: a notify socket nobody reads fills after 10 datagrams,
+        # and the daemon then waits up to 0.5 s on each STATUS= (before 2026-11-26 it waited for
+        # good, which is what made one benchmark daemon never stop)
+        self.notified: list[str] = []
+        self._drain = threading.Thread(target=self._read_notifications, daemon=True)
+        self._drain.start()
+
+    def _read_notifications(self) -> None:
+        self.sock.settimeout(0.5)
+        while self.sock.fileno() >= 0:
+            try:
+                self.notified.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop()
+                return
 
     def log_tail(self, n: int = 20) -> str:
         """The last ``n`` lines of the daemon's log."""
@@ -142,7 +159,6 @@ class Daemon:
         """SIGTERM, and the daemon's stderr; if it has not exited within STOP_TIMEOUT_S, its
         threads' stacks (py-spy, when installed), the tail of its log, and SIGKILL."""
         self.proc.terminate()
-        self.sock.close()
         try:
             self.proc.wait(timeout=self.STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -161,6 +177,7 @@ class Daemon:
                 f"its threads:\n{dump}\nthe end of its log:\n{self.log_tail()}",
                 file=sys.stderr,
             )
+        self.sock.close()  # after the exit: its STOPPING=1 is read like the rest
         return self.err_path.read_text(errors="replace")
 
 
@@ -422,6 +439,9 @@ def main() -> int:
             err = d.stop()
         if "Traceback" in err or "Timeout (" in err:  # a crash, or a stop past stop_timeout_s (its stacks)
             print(err[-6000:], file=sys.stderr)
+        dropped = d.log_path.read_text(errors="replace").count('"systemd_notify_failed"')
+        if dropped:
+            print(f"the daemon's notify messages not taken: {dropped}", file=sys.stderr)
         heat = sorted((root / "heatmaps").rglob("*.png")) if args.heatmaps else []
 
     datas = [p.read_bytes() for p in files]

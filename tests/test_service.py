@@ -439,6 +439,46 @@ class TestSystemdNotify:
         assert sum("WATCHDOG=1" in m for m in messages) >= 2
         assert "STOPPING=1" == messages[-1]
 
+    def test_a_service_manager_that_stops_reading_never_wedges_the_daemon(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """A notify socket whose queue is full (its reader wedged: a datagram send would block
+        until it reads) costs at most 0.5 s per message: the daemon starts, scores a file,
+        reports that systemd did not take its messages, and stops on SIGTERM with exit 0."""
+        import socket
+
+        sock_path = tmp_path / "notify.sock"
+        reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        reader.bind(str(sock_path))  # bound, never read
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        filler.connect(str(sock_path))
+        filler.setblocking(False)
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while queued < 100_000:
+                filler.send(b"STATUS=filler")
+                queued += 1
+        filler.close()
+        assert queued < 100_000  # the queue is full: the next send would block
+        cfg = make_config(ingest={"settle_ms": 100})
+        d = Daemon(cfg, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        try:
+            d.wait_event("watching")
+            shutil.copy(fixture_images()[0], cfg.inbox / "one.jpeg")
+            wait_for(lambda: len(rows_of(cfg)) == 1, 60, "the file's row")
+        finally:
+            t0 = time.monotonic()
+            try:
+                rc = d.stop()  # a daemon still wedged after 60 s is killed
+            finally:
+                reader.close()
+            stop_s = time.monotonic() - t0
+        assert 0 == rc
+        assert stop_s < 20
+        failed = d.events("systemd_notify_failed")
+        assert failed and failed[0]["message"] == "READY=1"
+        assert "STOPPING=1" == failed[-1]["message"]
+
     def test_a_wedged_reporter_stops_the_watchdog_pings(
         self, make_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
