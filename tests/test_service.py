@@ -479,6 +479,43 @@ class TestSystemdNotify:
         assert failed and failed[0]["message"] == "READY=1"
         assert "STOPPING=1" == failed[-1]["message"]
 
+    def test_notify_waits_at_most_half_a_second_and_logs_a_run_of_failures_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Against a full queue each send gives up after 0.5 s; failed STATUS= sends are logged
+        once per 5 minutes with how many were dropped, READY=/STOPPING= always; once systemd
+        reads again, messages are taken."""
+        import socket
+
+        from watcher import systemd
+
+        sock_path = tmp_path / "notify.sock"
+        reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        reader.bind(str(sock_path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+        monkeypatch.setitem(systemd._failures, "since_log", 0)
+        monkeypatch.setitem(systemd._failures, "logged_at", float("-inf"))
+        try:
+            queued = 0
+            with capture_logs() as logs:
+                while systemd.notify("STATUS=filler", timeout_s=0.05):  # until the queue is full
+                    queued += 1
+                assert 0 < queued < 10_000
+                for i in range(4):
+                    t0 = time.monotonic()
+                    assert not systemd.notify(f"STATUS=busy {i}")
+                    assert time.monotonic() - t0 < 2.0
+                assert not systemd.notify("STOPPING=1")
+            failed = [(e["message"], e["dropped"]) for e in logs if e["event"] == "systemd_notify_failed"]
+            assert [("STATUS=filler", 1), ("STOPPING=1", 5)] == failed  # 4 STATUS= dropped unlogged
+            reader.settimeout(1.0)
+            for _ in range(queued):
+                reader.recv(4096)
+            assert systemd.notify("STATUS=back")
+            assert "STATUS=back" == reader.recv(4096).decode()
+        finally:
+            reader.close()
+
     def test_a_wedged_reporter_stops_the_watchdog_pings(
         self, make_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
