@@ -22,6 +22,10 @@ Schemes: (a) Platt on the sample's mix + max Youden J with sensitivity >= 0.97 (
 logit over ``watcher.augment.TTA_VARIANTS``; TTA scored for the clean images and the six
 acquisition probes, the other probes keep the plain scores). Raw scores are cached per
 condition in OUT/scores/.
+
+A deep ensemble of versions already measured: ``--combine OUT_A OUT_B --out OUT_ENS`` scores
+the mean logit of their cached scores (``--store``/``--version`` still name one member, whose
+model is loaded but not used).
 """
 
 from __future__ import annotations
@@ -99,6 +103,22 @@ def compute_scores(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         z = np.load(path)
         res[f"raw:{name}"], res[f"tta:{name}"] = z["raw"], z["tta"]
     return res
+
+
+def combine_members(members: list[Path], out: Path) -> None:
+    """OUT/scores of a deep ensemble: per condition, the mean logit of the members' cached scores.
+
+    Each member is the ``--out`` folder of an earlier run of this script on another version
+    (same data, so the same images in the same order).
+    """
+    cache = out / "scores"
+    cache.mkdir(parents=True, exist_ok=True)
+    for path in sorted((members[0] / "scores").glob("*.npz")):
+        zs = [np.load(m / "scores" / path.name) for m in members]
+        if len({z["raw"].size for z in zs}) != 1:
+            raise SystemExit(f"{path.name}: the members scored different images")
+        mean = {k: np.mean([calibration.logit(z[k]) for z in zs], axis=0) for k in ("raw", "tta")}
+        np.savez(cache / path.name, **{k: calibration.sigmoid(v) for k, v in mean.items()})
 
 
 def weighted_ece(y: np.ndarray, p: np.ndarray, prevalence: float | None) -> float:
@@ -207,11 +227,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/schemes"))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--site-demo", type=Path, help="only write the calibrate demonstration folders here")
+    ap.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="MEMBER_OUT",
+        help="a deep ensemble: score the mean logit of these earlier --out folders (no drift part)",
+    )
     args = ap.parse_args()
     if args.site_demo:
         write_site_demo(args.data, args.site_demo)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        combine_members(args.combine, args.out)
     s = compute_scores(args, args.out)
     y, groups, age = s["labels"], s["groups"], s["age"]
     conditions = ["clean", *PROBES]
@@ -257,6 +286,10 @@ def main() -> int:
             if key == "raw" or cond in TTA_CONDITIONS
         }
     results["era"]["n"] = {"fit": int((~older).sum()), "measure": int(older.sum())}
+    if args.combine:  # no stored version serves the ensemble: no calibration to serve, no drift reference
+        (args.out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        print(json.dumps(results["cross_fit"]["clean"], indent=1))
+        return 0
     # drift monitor on streams built from validation scores (as the version serves them)
     meta = model_store.read_metadata(args.store, args.version)
     metrics = model_store.read_json(args.store, args.version, model_store.METRICS_FILE)
