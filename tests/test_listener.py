@@ -591,6 +591,41 @@ class TestCli:
         assert "Fatal Python error: Aborted" in dump and "most recent call first" in dump
         assert "listener.py" in dump  # where its main thread was
 
+    def test_a_stop_that_never_ends_dumps_the_threads_and_exits_1(self, tmp_path: Path) -> None:
+        """`xray-watcher listen` wedged after SIGTERM (here right after it logged its stop)
+        writes every thread's stack to stderr and exits 1 once listener.stop_timeout_s has
+        passed, instead of waiting for systemd's SIGKILL, which leaves no trace."""
+        cfg = write_config(tmp_path / "svc", stop_timeout_s=2)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "listen", "--config", str(cfg.source)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "XRAY_WATCHER_HANG_AT": "listener_stopped"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if '"listener_started"' in line:
+                    break
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            elapsed = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert 1 == proc.returncode
+        assert 2.0 <= elapsed < 30
+        events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        assert [2] == [e["stop_timeout_s"] for e in events if e["event"] == "stop_deadline_armed"]
+        assert [e for e in events if e["event"] == "listener_stopped"]  # the stop was done; then it hung
+        assert "Timeout (0:00:02)!" in out
+        assert "most recent call first" in out and "failpoints.py" in out  # where it waited
+
     def test_sigterm_and_notify(self, cfg: Config, tmp_path: Path) -> None:
         """cli_main sends READY=1, serves, and on SIGTERM sends STOPPING=1 and exits 0."""
         sock_path = tmp_path / "notify.sock"

@@ -75,6 +75,7 @@ class ListenerConfig:
     port: int = 11112
     ae_title: str = "XRAY_WATCHER"
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title is accepted
+    stop_timeout_s: float = 25.0  # still alive this long after SIGTERM: stacks to stderr, exit 1
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ _POSITIVE_KEYS = {
     "review.interval_s",
     "report.max_mb",
     "listener.port",
+    "listener.stop_timeout_s",
 }
 _NON_NEGATIVE_KEYS = {"ingest.settle_ms", "metrics.port", "report.keep", "report.min_free_mb"}
 

@@ -94,11 +94,11 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 
-from watcher import systemd
+from watcher import failpoints, systemd
 from watcher.config import Config
 from watcher.errors import ConfigError, WatcherError
 from watcher.fsutil import fsync_dir
-from watcher.signals import SignalQueue
+from watcher.signals import SignalQueue, arm_exit_deadline
 from watcher.signals import restore as restore_signals
 
 log = structlog.get_logger()
@@ -447,13 +447,18 @@ def serve(
     *,
     on_ready: Callable[[], None] | None = None,
     notify_systemd: bool = False,
+    stop_deadline: bool = False,
 ) -> int:
     """Run the Storage SCP until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
 
     ``ready`` is set (and ``on_ready()`` called) once the port is listening. On stop the
     port is closed first, open associations get ``SHUTDOWN_GRACE_S`` to finish, then are
     aborted. Returns the exit code, 0. Raises ``WatcherError`` when the port cannot be bound.
-    ``notify_systemd``: a signal also sends STOPPING=1.
+    ``notify_systemd``: a signal also sends STOPPING=1. ``stop_deadline`` (the ``listen``
+    command's own process, not a test's): a process still alive ``listener.stop_timeout_s``
+    after the first signal writes every thread's stack to stderr and exits 1
+    (``signals.arm_exit_deadline``), below the unit's ``TimeoutStopSec=30``, whose SIGKILL
+    leaves no trace.
     """
     own_signals = stop is None and threading.current_thread() is threading.main_thread()
     stop = stop if stop is not None else threading.Event()
@@ -485,6 +490,9 @@ def serve(
             on_ready()
         while not stop.wait(0.2):
             _take_signals(signals, stop, notify_systemd)
+        if stop_deadline and own_signals:
+            arm_exit_deadline(cfg.listener.stop_timeout_s)
+            log.info("stop_deadline_armed", stop_timeout_s=cfg.listener.stop_timeout_s)
     finally:
         server.shutdown()  # no new connections
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
@@ -499,6 +507,7 @@ def serve(
         ae.shutdown()
         restore_signals(previous)
         log.info("listener_stopped", port=bound_port, n_aborted=n_aborted, **scp.totals)
+        failpoints.hang("listener_stopped")
     return 0
 
 
@@ -521,4 +530,4 @@ def cli_main(cfg: Config) -> int:
     def on_ready() -> None:
         systemd.notify(f"READY=1\nSTATUS=listening on {listener.host}:{listener.port} as {listener.ae_title}")
 
-    return serve(cfg, on_ready=on_ready, notify_systemd=True)
+    return serve(cfg, on_ready=on_ready, notify_systemd=True, stop_deadline=True)
