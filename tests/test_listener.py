@@ -544,6 +544,36 @@ class TestAssociationPolicy:
                 listener.serve(cfg, stop=threading.Event())
 
 
+def listen_until_signalled(
+    cfg: Config, signum: signal.Signals, timeout: float, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str, str, float]:
+    """Start `xray-watcher listen`, send ``signum`` once it listens, wait at most ``timeout``
+    for it to end (else kill it). Returns the process, its output up to ``listener_started``,
+    its output after, and the seconds from the signal to its end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "listen", "--config", str(cfg.source)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if '"listener_started"' in line:
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc, "".join(lines), out, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 class TestCli:
     def test_the_signal_handler_only_queues_the_signal(self) -> None:
         """It logs nothing and takes no lock (it may interrupt the main thread while that
@@ -566,28 +596,9 @@ class TestCli:
     def test_the_listen_command_dumps_its_threads_on_sigabrt(self, cfg: Config) -> None:
         """`xray-watcher listen`, killed with SIGABRT (systemd's watchdog signal, or a native
         crash), first writes each thread's Python stack to stderr."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "listen", "--config", str(cfg.source)],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        lines: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if '"listener_started"' in line:
-                    break
-            proc.send_signal(signal.SIGABRT)
-            out, _ = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        proc, started, out, _ = listen_until_signalled(cfg, signal.SIGABRT, timeout=30)
         assert -signal.SIGABRT == proc.returncode
-        dump = "".join(lines) + out
+        dump = started + out
         assert "Fatal Python error: Aborted" in dump and "most recent call first" in dump
         assert "listener.py" in dump  # where its main thread was
 
@@ -596,28 +607,9 @@ class TestCli:
         writes every thread's stack to stderr and exits 1 once listener.stop_timeout_s has
         passed, instead of waiting for systemd's SIGKILL, which leaves no trace."""
         cfg = write_config(tmp_path / "svc", stop_timeout_s=2)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "listen", "--config", str(cfg.source)],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "XRAY_WATCHER_HANG_AT": "listener_stopped"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        proc, _, out, elapsed = listen_until_signalled(
+            cfg, signal.SIGTERM, timeout=60, env={"XRAY_WATCHER_HANG_AT": "listener_stopped"}
         )
-        lines: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if '"listener_started"' in line:
-                    break
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-            elapsed = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
         assert 1 == proc.returncode
         assert 2.0 <= elapsed < 30
         events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
