@@ -11,9 +11,8 @@ Prints, for the served version (issue 9's "How"):
   calibrated probability against TensorFlow float32, how many images move by more than 0.01
   and 0.02, labels changed, and ROC AUC / sensitivity / specificity, for
   - TensorFlow with bfloat16 compute (Keras ``mixed_bfloat16``; this CPU's AVX512_BF16),
-  - ONNX Runtime float32 and int8 (static QDQ quantisation, per channel, calibrated on 256
-    training images; VNNI), when ``onnxruntime`` and ``tf2onnx`` can be imported (they are
-    not dependencies of the project: install them into a scratch virtual environment);
+  - ONNX Runtime float32 (what ``runtime: auto`` serves) and int8 (static QDQ quantisation,
+    per channel, calibrated on 256 training images; VNNI);
 - **their speed**: CPU ms per image and images/s, batches of 32, alternated three times;
 - **heat maps without gradients**: whether the version's Grad-CAM map equals the forward
   class activation map ReLU(sum_k w_k A_k) (true when only max pooling, global average
@@ -111,7 +110,7 @@ def ort_runners(pred: Predictor, calib: np.ndarray, tmp: Path) -> dict[str, Runn
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
-        print(f"ONNX Runtime skipped ({exc}): pip install onnxruntime tf2onnx into a scratch venv")
+        print(f"ONNX Runtime skipped ({exc})")
         return {}
     model = pred.model
     spec = (tf.TensorSpec((None, pred.spec.height, pred.spec.width, 1), tf.float32, name="x"),)

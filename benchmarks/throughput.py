@@ -43,6 +43,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,8 @@ from watcher.config import DecodeConfig  # noqa: E402
 from watcher.explain import GradCam, overlay_png, write_overlay  # noqa: E402
 from watcher.imaging import decode, input_floor, preprocess  # noqa: E402
 from watcher.inference import Predictor  # noqa: E402
-from watcher.runtime import usable_cores  # noqa: E402
+from watcher.onnxrt import OnnxModel, OnnxUnavailable  # noqa: E402
+from watcher.runtime import configure_tensorflow, usable_cores  # noqa: E402
 from watcher.service import Item, needs_second_look, thumbnail  # noqa: E402
 
 
@@ -235,8 +237,30 @@ def cpu_now() -> float:
     return t.user + t.system
 
 
+def serving_runtime(predictor: Predictor, wanted: str, heatmaps: bool) -> Any:
+    """Make ``predictor`` serve as the daemon will (``runtime``); returns the heat-map pass to time.
+
+    The model-alone ceiling then runs in the daemon's runtime, and with heat maps the extra
+    cost timed is that of the daemon's heat-map pass: Grad-CAM on TensorFlow, or the ONNX
+    Runtime pass with the block output.
+    """
+    device = configure_tensorflow().get("device")
+    if wanted == "onnxruntime" or (wanted == "auto" and device == "CPU"):
+        try:
+            predictor.use_onnx(with_maps=False)
+            return (
+                OnnxModel(predictor.model, predictor.spec.height, predictor.spec.width, True)
+                if heatmaps
+                else None
+            )
+        except OnnxUnavailable as exc:
+            print(f"ONNX Runtime unavailable ({exc}): TensorFlow serves", file=sys.stderr)
+            predictor.onnx, predictor.runtime = None, "tensorflow"
+    return GradCam(predictor.model) if heatmaps else None
+
+
 def extra_work(
-    datas: list[bytes], inputs: list, predictor: Predictor, margin: float, heatmaps: bool
+    datas: list[bytes], inputs: list, predictor: Predictor, margin: float, explainer: Any
 ) -> dict[str, float]:
     """CPU seconds per file the daemon must spend beyond the ceiling's decode and model.
 
@@ -244,7 +268,8 @@ def extra_work(
     threads, as in the daemon), and its CPU time taken: the second look (full decode,
     preprocess and model call of the files whose DCT-scaled decode scores within ``margin``,
     as ``service.needs_second_look`` decides), and with ``heatmaps`` the thumbnail, the
-    Grad-CAM pass beyond the plain model call (both warmed up first), and drawing plus
+    heat-map pass beyond the plain model call (``explainer``: Grad-CAM, or the ONNX Runtime
+    session with the block output; both warmed up first), and drawing plus
     writing the overlay (``overlay_png``, ``write_overlay`` without fsync, as the daemon
     does). One thread, not a pool: threads would add their contention for the GIL and caches
     to the work itself. What is left between the work ceiling and the daemon is the
@@ -256,7 +281,9 @@ def extra_work(
     n = len(datas)
     out: dict[str, float] = {}
 
-    def model_pass(explain: GradCam | None) -> tuple[float, list[float]]:
+    heatmaps = explainer is not None
+
+    def model_pass(explain: Any) -> tuple[float, list[float]]:
         def call(x: np.ndarray) -> np.ndarray:
             if explain is not None:
                 return explain.predict_and_explain(x, upsample=False)[0]
@@ -271,7 +298,7 @@ def extra_work(
 
     model_cpu, probs = model_pass(None)
     if heatmaps:
-        cam_cpu, _ = model_pass(GradCam(predictor.model))
+        cam_cpu, _ = model_pass(explainer)
         out["gradcam_cpu_s"] = max(0.0, cam_cpu - model_cpu)
         model_cpu = cam_cpu  # what a second look's image costs in the daemon's pass
     fast = [decode(d, min_size=floor) for d in datas]
@@ -336,6 +363,12 @@ def main() -> int:
     ap.add_argument("--singles", type=int, default=11)
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
     ap.add_argument("--heatmaps", action="store_true", help="run the daemon with explain.enabled")
+    ap.add_argument(
+        "--runtime",
+        choices=("auto", "tensorflow", "onnxruntime"),
+        default="auto",
+        help="the daemon's runtime (config key); the model-alone ceiling uses the same",
+    )
     ap.add_argument("--batch", type=int, default=32, help="batch.max_size of the daemon (shipped: 32)")
     ap.add_argument(
         "--second-look-margin",
@@ -350,11 +383,12 @@ def main() -> int:
         return 2
     cores = usable_cores()
     predictor = Predictor(args.store.resolve())
+    explainer = serving_runtime(predictor, args.runtime, args.heatmaps)
     files = originals * args.copies
     print(
         f"model {predictor.version} ({predictor.metadata.get('architecture')}), {len(files)} files "
         f"({len(originals)} originals x {args.copies}), {cores} cores, heat maps "
-        f"{'on' if args.heatmaps else 'off'}, batch {args.batch}, "
+        f"{'on' if args.heatmaps else 'off'}, model runtime {predictor.runtime}, batch {args.batch}, "
         f"second look margin {args.second_look_margin}"
     )
 
@@ -374,6 +408,7 @@ def main() -> int:
             "decode": {"workers": cores, "second_look_margin": args.second_look_margin},
             "log": {"level": "info", "format": "json"},  # as shipped
             "explain": {"enabled": args.heatmaps},
+            "runtime": args.runtime,
             "review": {"page": ""},
         }
         (root / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -405,7 +440,7 @@ def main() -> int:
             # this VM's speed drifts over a minute, so the ratio uses the mean of the two
             probe = [p.read_bytes() for p in staged[args.singles :][:CEILING_FILES]]
             ceilings = [ceiling(probe, predictor, cores)]
-            extras = [extra_work(probe, ceilings[0][2], predictor, args.second_look_margin, args.heatmaps)]
+            extras = [extra_work(probe, ceilings[0][2], predictor, args.second_look_margin, explainer)]
             # the burst
             rest = staged[args.singles :]
             before = rows_in()
@@ -423,9 +458,7 @@ def main() -> int:
             results["peak_rss_mib"] = vm_hwm_mib(d.proc.pid)
             time.sleep(1.0)
             ceilings.append(ceiling(probe, predictor, cores))
-            extras.append(
-                extra_work(probe, ceilings[1][2], predictor, args.second_look_margin, args.heatmaps)
-            )
+            extras.append(extra_work(probe, ceilings[1][2], predictor, args.second_look_margin, explainer))
         finally:
             err = d.stop()
         if "Traceback" in err or "Timeout (" in err:  # a crash, or a stop past stop_timeout_s (its stacks)

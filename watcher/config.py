@@ -143,6 +143,9 @@ class Config:
     instance_id: str = ""
     model_poll_s: float = 10.0
     stop_timeout_s: float = 90.0
+    # the model's runtime: auto = ONNX Runtime on a host without GPU when it converts and
+    # matches TensorFlow (else TensorFlow); tensorflow; onnxruntime (TensorFlow if it cannot)
+    runtime: Literal["auto", "tensorflow", "onnxruntime"] = "auto"
     source: Path | None = None
 
     @property

@@ -75,6 +75,8 @@ class Predictor:
         except Exception as exc:  # Keras raises many types for a bad file
             raise ModelStoreError(f"cannot load {path}: {exc}") from exc
         self._serve: Any = None
+        self.onnx: Any = None  # an onnxrt.OnnxModel once use_onnx() succeeded
+        self.runtime = "tensorflow"
         expected = (self.spec.height, self.spec.width, 1)
         got = tuple(self.model.input_shape[1:])
         if got != expected:
@@ -93,6 +95,8 @@ class Predictor:
         One compiled graph for every batch size (the batch dimension is left open), so a lone
         file and a full batch reuse the same graph; no per-call data-adapter overhead.
         """
+        if self.onnx is not None:
+            return self.onnx.raw(batch)  # type: ignore[no-any-return]
         if self._serve is None:
             import tensorflow as tf
 
@@ -101,6 +105,18 @@ class Predictor:
             self._serve = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         out = self._serve(np.ascontiguousarray(batch, dtype=np.float32))
         return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def use_onnx(self, with_maps: bool, threads: int = 0) -> None:
+        """Serve through ONNX Runtime from now on (``with_maps``: heat maps from the same pass;
+        ``threads``: for one model call, 0 = every usable core).
+
+        Raises ``onnxrt.OnnxUnavailable`` (and TensorFlow keeps serving) when it cannot, or
+        when its answers on a probe batch differ from TensorFlow's.
+        """
+        from watcher.onnxrt import OnnxModel
+
+        self.onnx = OnnxModel(self.model, self.spec.height, self.spec.width, with_maps, threads)
+        self.runtime = "onnxruntime"
 
     def warm_up(self, batch_size: int) -> float:
         """Build and run the serving graph once (before READY); returns the seconds it took."""
