@@ -103,22 +103,19 @@ def tf_runners(pred: Predictor) -> dict[str, Runner]:
 
 def ort_runners(pred: Predictor, calib: np.ndarray, tmp: Path) -> dict[str, Runner]:
     """ONNX Runtime float32 and int8 sessions of the version's model, or none (with why)."""
+    from watcher.onnxrt import OnnxUnavailable, to_onnx
+
     try:
         import onnxruntime as ort
-        import tensorflow as tf
-        import tf2onnx
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
-    except ImportError as exc:
+
+        graph = to_onnx(pred.model, pred.spec.height, pred.spec.width)  # the daemon's conversion
+    except (ImportError, OnnxUnavailable) as exc:
         print(f"ONNX Runtime skipped ({exc})")
         return {}
-    model = pred.model
-    spec = (tf.TensorSpec((None, pred.spec.height, pred.spec.width, 1), tf.float32, name="x"),)
-    proto, _ = tf2onnx.convert.from_function(
-        tf.function(lambda x: model(x, training=False)), input_signature=spec, opset=17
-    )
     f32, pre, int8 = tmp / "model.onnx", tmp / "pre.onnx", tmp / "int8.onnx"
-    f32.write_bytes(proto.SerializeToString())
+    f32.write_bytes(graph)
     quant_pre_process(str(f32), str(pre), skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]

@@ -58,7 +58,7 @@ from watcher.explain import GradCam, overlay_png, write_overlay  # noqa: E402
 from watcher.imaging import decode, input_floor, preprocess  # noqa: E402
 from watcher.inference import Predictor  # noqa: E402
 from watcher.onnxrt import OnnxModel, OnnxUnavailable  # noqa: E402
-from watcher.runtime import configure_tensorflow, usable_cores  # noqa: E402
+from watcher.runtime import configure_tensorflow, usable_cores, wants_onnx  # noqa: E402
 from watcher.service import Item, needs_second_look, thumbnail  # noqa: E402
 
 
@@ -244,18 +244,14 @@ def serving_runtime(predictor: Predictor, wanted: str, heatmaps: bool) -> Any:
     cost timed is that of the daemon's heat-map pass: Grad-CAM on TensorFlow, or the ONNX
     Runtime pass with the block output.
     """
-    device = configure_tensorflow().get("device")
-    if wanted == "onnxruntime" or (wanted == "auto" and device == "CPU"):
-        try:
+    if wants_onnx(wanted, configure_tensorflow().get("device")):
+        try:  # the heat-map session first: if it cannot be had, TensorFlow serves both
+            spec = predictor.spec
+            maps = OnnxModel(predictor.model, spec.height, spec.width, with_maps=True) if heatmaps else None
             predictor.use_onnx(with_maps=False)
-            return (
-                OnnxModel(predictor.model, predictor.spec.height, predictor.spec.width, True)
-                if heatmaps
-                else None
-            )
+            return maps
         except OnnxUnavailable as exc:
             print(f"ONNX Runtime unavailable ({exc}): TensorFlow serves", file=sys.stderr)
-            predictor.onnx, predictor.runtime = None, "tensorflow"
     return GradCam(predictor.model) if heatmaps else None
 
 

@@ -19,12 +19,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import structlog
 
 from watcher.explain import CamArray, ExplainError, find_last_conv_block, forward_cam, linear_head_weights
 from watcher.runtime import usable_cores
-
-log = structlog.get_logger()
 
 MAX_DIFF = 1e-4  # largest difference from TensorFlow's sigmoid on the probe batch
 MAX_MAP_DIFF = 1e-3  # and from Grad-CAM's maps (0..1)
@@ -35,19 +32,34 @@ class OnnxUnavailable(Exception):
     """ONNX Runtime cannot serve this model here (not installed, conversion failed, answers differ)."""
 
 
+def to_onnx(net: Any, height: int, width: int) -> bytes:
+    """``net`` (a Keras model taking ``(n, height, width, 1)``) as a serialised ONNX graph whose
+    input is named ``x``; raises ``OnnxUnavailable`` when tf2onnx is missing or cannot convert it."""
+    try:
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError as exc:
+        raise OnnxUnavailable(f"tf2onnx is not installed ({exc})") from exc
+    spec = (tf.TensorSpec((None, height, width, 1), tf.float32, name="x"),)
+    try:
+        proto, _ = tf2onnx.convert.from_function(
+            tf.function(lambda x: net(x, training=False)), input_signature=spec, opset=OPSET
+        )
+    except Exception as exc:  # tf2onnx raises many types for an op it cannot convert
+        raise OnnxUnavailable(f"tf2onnx could not convert the model: {type(exc).__name__}: {exc}") from exc
+    return bytes(proto.SerializeToString())
+
+
 class OnnxModel:
     """One model version as an ONNX Runtime session, with the block output for heat maps."""
 
     def __init__(self, model: Any, height: int, width: int, with_maps: bool, threads: int = 0) -> None:
         try:
             import onnxruntime as ort
-            import tensorflow as tf
-            import tf2onnx
         except ImportError as exc:
-            raise OnnxUnavailable(f"onnxruntime or tf2onnx is not installed ({exc})") from exc
+            raise OnnxUnavailable(f"onnxruntime is not installed ({exc})") from exc
         import keras
 
-        self.height, self.width = height, width
         self.head_weights: npt.NDArray[np.float32] | None = None
         self.grid: tuple[int, int] | None = None
         outputs = [model.output]
@@ -59,23 +71,13 @@ class OnnxModel:
                 raise OnnxUnavailable(f"no heat maps without gradients for this model: {exc}") from exc
             outputs.append(block.output)
         net = keras.Model(model.inputs[0], outputs, name=f"{model.name}_onnx")  # one input, not a list
-        spec = (tf.TensorSpec((None, height, width, 1), tf.float32, name="x"),)
-        try:
-            proto, _ = tf2onnx.convert.from_function(
-                tf.function(lambda x: net(x, training=False)), input_signature=spec, opset=OPSET
-            )
-        except Exception as exc:  # tf2onnx raises many types for an op it cannot convert
-            raise OnnxUnavailable(
-                f"tf2onnx could not convert the model: {type(exc).__name__}: {exc}"
-            ) from exc
+        graph = to_onnx(net, height, width)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or usable_cores()
         opts.inter_op_num_threads = 1
         # no busy-waiting between operations: the decoding threads need those cycles
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(
-            proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
         probe = np.random.default_rng(0).random((4, height, width, 1), dtype=np.float32)
         ours = self.raw(probe)
@@ -87,7 +89,7 @@ class OnnxModel:
             from watcher.explain import GradCam
 
             _, ref_maps = GradCam(model, block.name).predict_and_explain(probe, upsample=False)
-            _, maps = self.predict_and_explain_unchecked(probe)
+            _, maps = self._explain(probe)
             diff = float(np.abs(maps - ref_maps).max())
             if not diff <= MAX_MAP_DIFF:
                 raise OnnxUnavailable(f"its heat maps differ from Grad-CAM's by {diff:.2e} on a probe batch")
@@ -113,11 +115,10 @@ class OnnxModel:
             raise ExplainError("these maps come on the block's grid: upsample them with explain.upsample_map")
         if len(batch) == 0:
             return np.zeros(0, np.float32), np.zeros((0, *self.grid), np.float32)
-        return self.predict_and_explain_unchecked(batch)
+        return self._explain(batch)
 
-    def predict_and_explain_unchecked(
-        self, batch: npt.NDArray[np.float32]
-    ) -> tuple[npt.NDArray[np.float32], CamArray]:
+    def _explain(self, batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], CamArray]:
+        """Probabilities and maps of a non-empty batch, on a session built with maps."""
         assert self.head_weights is not None
         prob, acts = self._run(batch)
         return np.asarray(prob, dtype=np.float32).reshape(-1), forward_cam(acts, self.head_weights)

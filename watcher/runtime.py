@@ -95,6 +95,12 @@ def _cpu_model() -> str:
 _configured: dict[str, Any] | None = None
 
 
+def wants_onnx(setting: str, device: str | None) -> bool:
+    """Whether the ``runtime`` config key asks for ONNX Runtime on this ``device`` ("CPU"/"GPU",
+    from ``configure_tensorflow``): always for ``onnxruntime``, on a host without GPU for ``auto``."""
+    return setting == "onnxruntime" or (setting == "auto" and device == "CPU")
+
+
 def configure_tensorflow(threads: int = 0) -> dict[str, Any]:
     """Set TensorFlow's thread pools and GPU memory growth once; returns what the device is.
 

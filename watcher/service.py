@@ -873,7 +873,7 @@ class Service:
     def _use_onnx(self, predictor: Predictor) -> None:
         """Serve ``predictor`` through ONNX Runtime where ``runtime`` asks for it and it can."""
         wanted = self.cfg.runtime
-        if wanted == "tensorflow" or (wanted == "auto" and self._device.get("device") != "CPU"):
+        if not runtime.wants_onnx(wanted, self._device.get("device")):
             return
         from watcher.onnxrt import OnnxUnavailable
 
