@@ -52,6 +52,8 @@ from tests.harness import Daemon, log_output_held, read_csv_both, returns_within
 from watcher import listener
 from watcher.config import Config, load_config
 from watcher.errors import WatcherError
+from watcher.fsutil import rename_no_replace
+from watcher.ingest import Ingest
 from watcher.signals import SignalQueue
 from watcher.signals import restore as restore_signals
 
@@ -249,19 +251,53 @@ class TestWriteInstance:
         assert b"first" == (tmp_path / f"{uid}.dcm").read_bytes()
         assert {f"{uid}.dcm", f"{uid}.{digest}.dcm"} == {p.name for p in tmp_path.iterdir()}
 
-    def test_no_hard_links(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        """On a filesystem without hard links the rename fallback still never replaces a name."""
+    @pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-hard-links"])
+    def test_without_rename_noreplace(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool
+    ) -> None:
+        """Where the filesystem cannot rename without replacing, the hard-link fallback, and
+        without hard links too the check-then-rename one, still never replace a name."""
 
         def no_link(src: object, dst: object) -> None:
             raise PermissionError(1, "Operation not permitted")
 
-        monkeypatch.setattr(listener.os, "link", no_link)
+        monkeypatch.setattr(listener, "rename_no_replace", lambda src, dst: False)
+        if not links:
+            monkeypatch.setattr(listener.os, "link", no_link)
         uid = generate_uid()
         assert (tmp_path / f"{uid}.dcm", False) == listener.write_instance(tmp_path, uid, b"a")
         assert (tmp_path / f"{uid}.dcm", True) == listener.write_instance(tmp_path, uid, b"a")
         assert not listener.write_instance(tmp_path, uid, b"b")[1]
         assert 2 == len(list(tmp_path.iterdir()))
         assert b"a" == (tmp_path / f"{uid}.dcm").read_bytes()
+
+    def test_rename_no_replace(self, tmp_path: Path) -> None:
+        """renameat2(RENAME_NOREPLACE) on this filesystem: renames, and refuses an existing name."""
+        (tmp_path / "a").write_bytes(b"a")
+        (tmp_path / "b").write_bytes(b"b")
+        assert rename_no_replace(tmp_path / "a", tmp_path / "c")
+        with pytest.raises(FileExistsError):
+            rename_no_replace(tmp_path / "b", tmp_path / "c")
+        with pytest.raises(FileNotFoundError):
+            rename_no_replace(tmp_path / "a", tmp_path / "d")
+        assert {"b": b"b", "c": b"a"} == {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def test_the_daemon_takes_a_received_instance_at_once(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """A written instance reaches the inbox as a completed rename, so the observer hands
+        it over without waiting for ingest.settle_ms (here a minute). A hard link, as written
+        before, raised only IN_CREATE, and every received instance waited the settle time."""
+        cfg = make_config(ingest={"settle_ms": 60_000})
+        ingest = Ingest(cfg)
+        ingest.start()
+        try:
+            uid = generate_uid()
+            path, duplicate = listener.write_instance(cfg.inbox, uid, b"DICM data")
+            assert cfg.inbox / f"{uid}.dcm" == path and not duplicate
+            assert path == ingest.ready.get(timeout=10)
+        finally:
+            ingest.stop()
 
     def test_invalid_uid_never_becomes_a_name(self, tmp_path: Path) -> None:
         """write_instance itself refuses a UID that is not one."""

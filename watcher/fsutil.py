@@ -1,12 +1,17 @@
-"""Small durable-filesystem helpers: atomic writes, directory fsync, a non-blocking file lock."""
+"""Small durable-filesystem helpers: atomic writes, directory fsync, a rename that never
+replaces, a non-blocking file lock."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import functools
 import itertools
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(folder: Path) -> None:
@@ -16,6 +21,45 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+# what renameat2 answers where the kernel, the C library or the filesystem lacks the flag
+_NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    """The C library's ``renameat2`` (glibc 2.28+), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def rename_no_replace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` in one step, never replacing an existing ``dst``.
+
+    ``renameat2(RENAME_NOREPLACE)``: FileExistsError if ``dst`` exists. Returns False, and
+    leaves ``src`` where it is, where the kernel, the C library or the filesystem cannot do
+    it (the caller then links, or checks and renames). Unlike a hard link, a rename tells an
+    inotify watcher that the file arrived complete (IN_MOVED_TO, not IN_CREATE).
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NOREPLACE_UNSUPPORTED:
+        return False
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(dst))
+    raise OSError(err, os.strerror(err), str(src))
 
 
 _TMP_TOKEN = secrets.token_hex(4)  # per process: temp names of two writers on a share differ

@@ -17,9 +17,11 @@ What is accepted:
 
 How an instance is written: as ``<SOPInstanceUID>.dcm``, a DICOM Part 10 file (preamble, File
 Meta Information, the data set as received), first under a hidden ``.<uid>.<random>.dcm.part``
-name (the daemon ignores hidden and ``*.part`` files), fsynced, then hard-linked to the final
-name (``link`` never replaces an existing name, unlike ``rename``), the temporary name removed
-and the folder fsynced.
+name (the daemon ignores hidden and ``*.part`` files), fsynced, then renamed to the final name
+with ``renameat2(RENAME_NOREPLACE)``, which never replaces an existing name (a plain ``rename``
+would) and which the daemon's observer sees as a file arriving complete, so it is taken at once
+(a hard link, the fallback where the filesystem cannot, waits ``ingest.settle_ms``: 1 s). The
+folder is then fsynced.
 
 Duplicates (a second instance with the same SOP Instance UID while the first is still in the
 inbox): the same bytes again (an SCU retrying after a lost response) are acknowledged with
@@ -97,7 +99,7 @@ from pynetdicom.events import EventHandlerType
 from watcher import failpoints, systemd
 from watcher.config import Config
 from watcher.errors import ConfigError, WatcherError
-from watcher.fsutil import fsync_dir
+from watcher.fsutil import fsync_dir, rename_no_replace
 from watcher.signals import SignalQueue, arm_exit_deadline
 from watcher.signals import restore as restore_signals
 
@@ -199,7 +201,7 @@ def write_instance(inbox: Path, uid: str, data: bytes) -> tuple[Path, bool]:
             if final.parent != inbox:  # cannot happen with a valid UID; never write elsewhere
                 raise OSError(errno.EINVAL, f"refusing to write outside the inbox: {name!r}")
             try:
-                _link_no_replace(tmp, final)
+                _place_no_replace(tmp, final)
             except FileExistsError:
                 if _same_bytes(final, data):
                     return final, True
@@ -222,8 +224,15 @@ def _create_part(inbox: Path, uid: str) -> tuple[int, Path]:
         return fd, tmp
 
 
-def _link_no_replace(src: Path, dst: Path) -> None:
-    """Give ``src`` the name ``dst``; FileExistsError if ``dst`` exists (never replaced)."""
+def _place_no_replace(src: Path, dst: Path) -> None:
+    """Give ``src`` the name ``dst``; FileExistsError if ``dst`` exists (never replaced).
+
+    A rename where the filesystem can refuse to replace (the daemon then takes the file at
+    once, as renamed in complete), else a hard link (the daemon waits ``ingest.settle_ms``
+    for it, as the link raises IN_CREATE and no close-write), else check and rename.
+    """
+    if rename_no_replace(src, dst):
+        return
     try:
         os.link(src, dst)
     except FileExistsError:
