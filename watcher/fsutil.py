@@ -25,8 +25,10 @@ def fsync_dir(folder: Path) -> None:
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-# what renameat2 answers where the kernel, the C library or the filesystem lacks the flag
-_NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+# what renameat2 answers where the kernel, the C library or the filesystem lacks the flag, or
+# a seccomp filter refuses the call (systemd's SystemCallErrorNumber=EPERM; the shipped units
+# allow it, in @system-service): the caller's fallback then gives the real error, if any
+_NOREPLACE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 
 
 @functools.lru_cache(maxsize=1)
