@@ -33,9 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
-import yaml  # noqa: E402
 from pynetdicom import AE  # noqa: E402
-from throughput import Daemon, dicom_of  # noqa: E402
+from throughput import Daemon, dicom_of, write_bench_config  # noqa: E402
 
 AET = "XRAYWATCHER"
 
@@ -72,22 +71,9 @@ def main() -> int:
         datasets.append(pydicom.dcmread(io.BytesIO(dicom_of(image))))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name in ("inbox", "processed", "failed"):
-            (root / name).mkdir()
         port = free_port()
-        cfg = {
-            "inbox": "inbox",
-            "processed": "processed",
-            "failed": "failed",
-            "results": "results.csv",
-            "model_store": str(args.store.resolve()),
-            "instance_id": "bench",
-            "log": {"level": "info", "format": "json"},
-            "explain": {"enabled": args.heatmaps},
-            "review": {"page": ""},
-            "listener": {"host": "127.0.0.1", "port": port, "ae_title": AET},
-        }
-        (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+        listener_cfg = {"host": "127.0.0.1", "port": port, "ae_title": AET}
+        write_bench_config(root, args.store, args.heatmaps, listener=listener_cfg)
         daemon = Daemon(root / "config.yaml", root / "notify.sock")
         with open(root / "listener.log", "wb") as out:
             listener = subprocess.Popen(

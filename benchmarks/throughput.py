@@ -176,6 +176,28 @@ class Daemon:
         return self.err_path.read_text(errors="replace")
 
 
+def write_bench_config(root: Path, store: Path, heatmaps: bool, **extra: Any) -> Path:
+    """A benchmark daemon's folders and ``config.yaml`` under ``root``: logs as shipped (JSON,
+    level info), no review page, ``extra`` as further top-level keys. Returns the config path."""
+    for name in ("inbox", "processed", "failed"):
+        (root / name).mkdir(exist_ok=True)
+    cfg = {
+        "inbox": "inbox",
+        "processed": "processed",
+        "failed": "failed",
+        "results": "results.csv",
+        "model_store": str(store.resolve()),
+        "instance_id": "bench",
+        "log": {"level": "info", "format": "json"},
+        "explain": {"enabled": heatmaps},
+        "review": {"page": ""},
+        **extra,
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def wait_rows(rows_in: RowCounter, target: int, daemon: Daemon, poll_s: float, stall_s: float = 120) -> None:
     """Until results.csv holds ``target`` rows; an error if no row comes for ``stall_s``."""
     last, last_change = rows_in(), time.monotonic()
@@ -428,23 +450,15 @@ def main() -> int:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name in ("inbox", "processed", "failed", "stage"):
-            (root / name).mkdir()
-        cfg = {
-            "inbox": "inbox",
-            "processed": "processed",
-            "failed": "failed",
-            "results": "results.csv",
-            "model_store": str(args.store.resolve()),
-            "instance_id": "bench",
-            "batch": {"max_size": args.batch, "max_wait_ms": 500},
-            "decode": {"workers": cores, "second_look_margin": args.second_look_margin},
-            "log": {"level": "info", "format": "json"},  # as shipped
-            "explain": {"enabled": args.heatmaps},
-            "runtime": args.runtime,
-            "review": {"page": ""},
-        }
-        (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (root / "stage").mkdir()
+        write_bench_config(
+            root,
+            args.store,
+            args.heatmaps,
+            batch={"max_size": args.batch, "max_wait_ms": 500},
+            decode={"workers": cores, "second_look_margin": args.second_look_margin},
+            runtime=args.runtime,
+        )
         staged = []
         for i, p in enumerate(files):
             dest = root / "stage" / f"{i:04d}-{p.name}"
