@@ -34,7 +34,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from pynetdicom import AE  # noqa: E402
-from throughput import Daemon, dicom_of, write_bench_config  # noqa: E402
+from throughput import Daemon, cpu_seconds, dicom_of, write_bench_config  # noqa: E402
 
 AET = "XRAYWATCHER"
 
@@ -103,7 +103,8 @@ def main() -> int:
                         seen[name] = time.monotonic()
                     time.sleep(0.003)
 
-            due = time.monotonic()
+            cpu0 = sum(cpu_seconds(listener.pid))
+            due = t_first = time.monotonic()
             for ds in datasets:
                 poll_until(due)
                 status = assoc.send_c_store(ds)
@@ -112,6 +113,8 @@ def main() -> int:
                     print(f"C-STORE answered {status}", file=sys.stderr)
                     return 1
                 due += 1.0 / args.rate
+            send_s = time.monotonic() - t_first
+            listener_ms = 1000 * (sum(cpu_seconds(listener.pid)) - cpu0) / len(datasets)
             assoc.release()
             poll_until(time.monotonic() + 60)
         finally:
@@ -126,7 +129,9 @@ def main() -> int:
     print(
         f"{len(lat)} instances at {args.rate:g}/s, heat maps {'on' if args.heatmaps else 'off'}: "
         f"C-STORE response to row p50 {statistics.median(lat):.0f} ms, "
-        f"p95 {float(np.percentile(lat, 95)):.0f} ms, max {max(lat):.0f} ms"
+        f"p95 {float(np.percentile(lat, 95)):.0f} ms, max {max(lat):.0f} ms; "
+        f"sent in {send_s:.1f} s ({len(lat) / send_s:.1f} instances/s), "
+        f"listener CPU {listener_ms:.1f} ms per instance"
     )
     return 0
 
