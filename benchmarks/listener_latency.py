@@ -14,7 +14,6 @@ hard-linked each instance into the inbox and every one waited ``ingest.settle_ms
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import os
 import socket
@@ -24,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from pynetdicom import AE  # noqa: E402
-from throughput import Daemon, cpu_seconds, dicom_of, write_bench_config  # noqa: E402
+from throughput import Daemon, RowCounter, cpu_seconds, dicom_of, stream_latency, write_bench_config  # noqa: E402
 
 AET = "XRAYWATCHER"
 
@@ -43,14 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def rows_by_file(results: Path) -> set[str]:
-    """File names with a complete row in results.csv so far."""
-    if not results.exists():
-        return set()
-    with open(results, newline="") as fh:
-        return {r["file"] for r in csv.DictReader(fh) if r.get("heatmap") is not None}
 
 
 def main() -> int:
@@ -82,8 +74,6 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-        stored: dict[str, float] = {}
-        seen: dict[str, float] = {}
         try:
             ae = AE(ae_title="BENCH")
             ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
@@ -96,42 +86,27 @@ def main() -> int:
                     print((root / "listener.log").read_text(errors="replace")[-3000:], file=sys.stderr)
                     return 1
                 time.sleep(0.2)
+            cpu = [sum(cpu_seconds(listener.pid))]  # before the first C-STORE, after the last
 
-            def poll_until(until: float) -> None:
-                while time.monotonic() < until and len(seen) != len(datasets):
-                    for name in rows_by_file(root / "results.csv") - seen.keys():
-                        seen[name] = time.monotonic()
-                    time.sleep(0.003)
-
-            cpu0 = sum(cpu_seconds(listener.pid))
-            due = t_first = time.monotonic()
-            for ds in datasets:
-                poll_until(due)
+            def store(ds: Any) -> None:
                 status = assoc.send_c_store(ds)
-                stored[f"{ds.SOPInstanceUID}.dcm"] = time.monotonic()
                 if getattr(status, "Status", None) != 0:
-                    print(f"C-STORE answered {status}", file=sys.stderr)
-                    return 1
-                due += 1.0 / args.rate
-            send_s = time.monotonic() - t_first
-            listener_ms = 1000 * (sum(cpu_seconds(listener.pid)) - cpu0) / len(datasets)
+                    raise RuntimeError(f"C-STORE answered {status}")
+                cpu[1:] = [sum(cpu_seconds(listener.pid))]
+
+            lat, send_s = stream_latency(datasets, store, RowCounter(root / "results.csv"), daemon, args.rate)
             assoc.release()
-            poll_until(time.monotonic() + 60)
         finally:
             listener.terminate()
             listener.wait(timeout=60)
             daemon.stop()
-    missing = set(stored) - set(seen)
-    if missing:
-        print(f"{len(missing)} of {len(stored)} instances got no row within 60 s", file=sys.stderr)
-        return 1
-    lat = [1000 * (seen[k] - stored[k]) for k in stored]
+    lat = [1000 * x for x in lat]
     print(
         f"{len(lat)} instances at {args.rate:g}/s, heat maps {'on' if args.heatmaps else 'off'}: "
         f"C-STORE response to row p50 {statistics.median(lat):.0f} ms, "
         f"p95 {float(np.percentile(lat, 95)):.0f} ms, max {max(lat):.0f} ms; "
         f"sent in {send_s:.1f} s ({len(lat) / send_s:.1f} instances/s), "
-        f"listener CPU {listener_ms:.1f} ms per instance"
+        f"listener CPU {1000 * (cpu[-1] - cpu[0]) / len(lat):.1f} ms per instance"
     )
     return 0
 

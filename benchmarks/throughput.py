@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -214,36 +215,44 @@ def wait_rows(rows_in: RowCounter, target: int, daemon: Daemon, poll_s: float, s
 
 
 def stream_latency(
-    files: list[Path], inbox: Path, rows_in: RowCounter, daemon: Daemon, rate: float
-) -> list[float]:
-    """Seconds from each file's rename into the inbox to its row, files renamed ``rate`` a
-    second by another thread (rows come in the order the files went in)."""
+    items: list[Any], send: Callable[[Any], None], rows_in: RowCounter, daemon: Daemon, rate: float
+) -> tuple[list[float], float]:
+    """Seconds from each item's ``send`` (a rename into the inbox, a C-STORE) returning to its
+    row, items sent ``rate`` a second by another thread (rows come in the order they went in);
+    and the seconds the sending took."""
     before = rows_in()
-    dropped: list[float] = []
+    sent: list[float] = []
+    failed: list[BaseException] = []
 
     def drop() -> None:
         due = time.perf_counter()
-        for p in files:
-            time.sleep(max(0.0, due - time.perf_counter()))
-            dropped.append(time.perf_counter())
-            p.rename(inbox / p.name)
-            due += 1.0 / rate
+        try:
+            for item in items:
+                time.sleep(max(0.0, due - time.perf_counter()))
+                send(item)
+                sent.append(time.perf_counter())
+                due += 1.0 / rate
+        except BaseException as exc:  # surfaced by the loop below
+            failed.append(exc)
 
+    t0 = time.perf_counter()
     thread = threading.Thread(target=drop, daemon=True)
     thread.start()
     seen: list[float] = []
-    deadline = time.monotonic() + len(files) / rate + 120
-    while len(seen) < len(files):
+    deadline = time.monotonic() + len(items) / rate + 120
+    while len(seen) < len(items):
         n = rows_in() - before
         now = time.perf_counter()
         seen.extend([now] * (n - len(seen)))
+        if failed:
+            raise RuntimeError(f"sending item {len(sent) + 1} of {len(items)} failed") from failed[0]
         if time.monotonic() > deadline or daemon.proc.poll() is not None:
             raise RuntimeError(
-                f"{len(seen)} of {len(files)} rows of the stream; its log:\n{daemon.log_tail()}"
+                f"{len(seen)} of {len(items)} rows of the stream; its log:\n{daemon.log_tail()}"
             )
         time.sleep(0.002)
     thread.join()
-    return [s - d for s, d in zip(seen, dropped, strict=True)]
+    return [s - d for s, d in zip(seen, sent, strict=True)], sent[-1] - t0
 
 
 def seed_loop(files: list[Path], store: Path) -> float:
@@ -483,7 +492,10 @@ def main() -> int:
             stream = staged[args.singles : args.singles + args.stream]
             if stream:
                 time.sleep(1.0)
-                lat = stream_latency(stream, root / "inbox", rows_in, d, args.stream_rate)
+                inbox = root / "inbox"
+                lat, _ = stream_latency(
+                    stream, lambda p: p.rename(inbox / p.name), rows_in, d, args.stream_rate
+                )
                 results["stream_p50_ms"] = statistics.median(lat) * 1000
                 results["stream_p95_ms"] = float(np.percentile(lat, 95)) * 1000
             rest = staged[args.singles + args.stream :]

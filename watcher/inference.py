@@ -76,7 +76,6 @@ class Predictor:
             raise ModelStoreError(f"cannot load {path}: {exc}") from exc
         self._serve: Any = None
         self.onnx: Any = None  # an onnxrt.OnnxModel once use_onnx() succeeded
-        self.runtime = "tensorflow"
         expected = (self.spec.height, self.spec.width, 1)
         got = tuple(self.model.input_shape[1:])
         if got != expected:
@@ -116,7 +115,11 @@ class Predictor:
         from watcher.onnxrt import OnnxModel
 
         self.onnx = OnnxModel(self.model, self.spec.height, self.spec.width, with_maps, threads)
-        self.runtime = "onnxruntime"
+
+    @property
+    def runtime(self) -> str:
+        """What answers ``raw_probabilities``: "onnxruntime" or "tensorflow"."""
+        return "onnxruntime" if self.onnx is not None else "tensorflow"
 
     def warm_up(self, batch_size: int) -> float:
         """Build and run the serving graph once (before READY); returns the seconds it took."""
