@@ -91,6 +91,19 @@ class TestOnnxModel:
         empty_raw, empty_maps = onnx.predict_and_explain(x[:0])
         assert (0,) == empty_raw.shape and (0, 32, 32) == empty_maps.shape
 
+    def test_a_batch_runs_in_chunks_with_each_images_own_answer(self) -> None:
+        """A batch longer than ``chunk`` runs in pieces (4 + 4 + 2 here); every image keeps its
+        own probability and map, in order, as when scored alone."""
+        onnx = OnnxModel(dense_head_model(), 32, 32, with_maps=True, threads=1)
+        assert 4 == onnx.chunk
+        x = batch(10)
+        raw, maps = onnx.predict_and_explain(x)
+        alone = [onnx.predict_and_explain(x[i : i + 1]) for i in range(len(x))]
+        assert (10,) == raw.shape and (10, 32, 32) == maps.shape
+        assert np.abs(raw - np.concatenate([r for r, _ in alone])).max() < 1e-6
+        assert np.abs(maps - np.concatenate([m for _, m in alone])).max() < 1e-6
+        assert len(set(np.round(raw, 6))) == 10  # ten different answers, so order is checked
+
     def test_no_maps_without_gradients_for_a_hidden_dense_layer(self) -> None:
         model = seed_like_model()
         with pytest.raises(OnnxUnavailable, match="no heat maps without gradients"):
