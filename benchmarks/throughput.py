@@ -3,6 +3,7 @@
 Usage (from the repo root; reads ../shared, never used by the tests):
 
     .venv/bin/python benchmarks/throughput.py [--copies 20] [--heatmaps] [--store model_store]
+        [--workdir DIR]
 
 Prints, in one run, on the same files (the 80 full-resolution originals of
 ``../shared/data/fullres``, copied ``--copies`` times, at least 400 files):
@@ -297,6 +298,25 @@ def ceiling(datas: list[bytes], predictor: Predictor, workers: int) -> tuple[flo
     return decode_rate, model_ceiling(inputs, predictor), inputs
 
 
+def filesystem_of(path: Path) -> str:
+    """The type and mount point of the filesystem holding ``path`` (from /proc/mounts)."""
+    best = ("", "?")
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "filesystem unknown"
+    resolved = str(path.resolve())
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1]
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best[0]):
+            best = (mount, fields[2])
+    return f"{best[1]} mounted at {best[0]}"
+
+
 def cpu_now() -> float:
     """CPU seconds this process has used so far, all threads, user and system."""
     t = os.times()
@@ -322,7 +342,7 @@ def serving_runtime(predictor: Predictor, wanted: str, heatmaps: bool) -> Any:
 
 
 def extra_work(
-    datas: list[bytes], inputs: list, predictor: Predictor, margin: float, explainer: Any
+    datas: list[bytes], inputs: list, predictor: Predictor, margin: float, explainer: Any, workdir: Path
 ) -> dict[str, float]:
     """CPU seconds per file the daemon must spend beyond the ceiling's decode and model.
 
@@ -333,8 +353,8 @@ def extra_work(
     heat-map pass beyond the plain model call (``explainer``: Grad-CAM, or the ONNX Runtime
     session with the block output; both warmed up first), and drawing plus
     writing the overlay (``overlay_png``, ``write_overlay`` without fsync, as the daemon
-    does). One thread, not a pool: threads would add their contention for the GIL and caches
-    to the work itself. What is left between the work ceiling and the daemon is the
+    does, into ``workdir``). One thread, not a pool: threads would add their contention for
+    the GIL and caches to the work itself. What is left between the work ceiling and the daemon is the
     pipeline's own cost: noticing, claiming, hashing, rows, moves, fsyncs, hand-overs,
     contention, and cores left idle.
     """
@@ -381,7 +401,7 @@ def extra_work(
     out["thumbnail_cpu_s"] = (cpu_now() - c0) / n
     del fast
     cam = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         c0 = cpu_now()
         for k, thumb in enumerate(thumbs):
             png = overlay_png(thumb, cam, "PNEUMONIA", 0.97, predictor.threshold)
@@ -426,6 +446,13 @@ def main() -> int:
     ap.add_argument("--stream", type=int, default=50, help="files renamed in at --stream-rate (0: skip)")
     ap.add_argument("--stream-rate", type=float, default=5.0, help="files a second of the stream")
     ap.add_argument("--store", type=Path, default=ROOT / "model_store")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="build the daemon's folders under this folder (default: the system's temp folder); "
+        "file creation costs differ between filesystems, so measure on the one you deploy on",
+    )
     ap.add_argument("--heatmaps", action="store_true", help="run the daemon with explain.enabled")
     ap.add_argument(
         "--runtime",
@@ -457,8 +484,9 @@ def main() -> int:
     )
 
     results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
+        print(f"the daemon's folders under {root} ({filesystem_of(root)})")
         (root / "stage").mkdir()
         write_bench_config(
             root,
@@ -507,7 +535,8 @@ def main() -> int:
             # this VM's speed drifts over a minute, so the ratio uses the mean of the two
             probe = [p.read_bytes() for p in rest[:CEILING_FILES]]
             ceilings = [ceiling(probe, predictor, cores)]
-            extras = [extra_work(probe, ceilings[0][2], predictor, args.second_look_margin, explainer)]
+            margin = args.second_look_margin
+            extras = [extra_work(probe, ceilings[0][2], predictor, margin, explainer, root)]
             # the burst
             before = rows_in()
             cpu0 = cpu_seconds(d.proc.pid)
@@ -524,7 +553,7 @@ def main() -> int:
             results["peak_rss_mib"] = vm_hwm_mib(d.proc.pid)
             time.sleep(1.0)
             ceilings.append(ceiling(probe, predictor, cores))
-            extras.append(extra_work(probe, ceilings[1][2], predictor, args.second_look_margin, explainer))
+            extras.append(extra_work(probe, ceilings[1][2], predictor, margin, explainer, root))
         finally:
             err = d.stop()
         if "Traceback" in err or "Timeout (" in err:  # a crash, or a stop past stop_timeout_s (its stacks)
