@@ -249,6 +249,37 @@ class TestRunOnce:
             t.join(30)
         assert not t.is_alive()
 
+    def test_the_decoder_hands_a_batch_on_before_its_decodes_finish(
+        self, tmp_path: Path, make_config: Callable[..., Config]
+    ) -> None:
+        """The decoder queues a batch as soon as its decodes are submitted and goes on to claim
+        the next, so the pool never idles at a batch boundary; inference waits for the decodes."""
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import PurePosixPath
+
+        from watcher.inference import Predictor
+        from watcher.service import Item
+
+        cfg = make_config()
+        svc = Service(cfg, predictor=Predictor(cfg.model_store))
+        items = []
+        for path in fixture_images()[:3]:
+            shutil.copy(path, tmp_path / path.name)
+            items.append(Item(rel=PurePosixPath(path.name), path=tmp_path / path.name))
+        gate = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(gate.wait, 30)  # the only worker is busy: no decode can finish yet
+            assert returns_within(svc._decode_batch, (pool, items, 1 << 20), timeout=10)
+            assert 3 == svc.queue_depth()  # queued for inference, not yet decoded
+            decoding = svc._decoded.get_nowait()
+            assert not any(f.done() for f in decoding.futures)
+            waits: list[float] = []
+            threading.Timer(0.5, gate.set).start()
+            got = decoding.result(keep_alive=lambda: waits.append(time.monotonic()))
+        assert got is items
+        assert waits, "inference waited for the decodes without keeping the watchdog fed"
+        assert all(i.model_input is not None and not i.error for i in items)
+
     def test_broken_model_keeps_previous_serving(self, make_config: Callable[..., Config]) -> None:
         """A newly promoted version that fails to load leaves the old one serving."""
         from watcher import model_store

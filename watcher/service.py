@@ -14,7 +14,9 @@ Order of operations for one file (see README "Guarantees"):
 Three threads, each a stage, joined by bounded queues: the *decoder* (claim, read, decode,
 steps 1-2, with a pool of decode workers), *inference* (step 3, the model and Grad-CAM) and
 the *reporter* (heat-map overlays, steps 4-5, review page, drift), so the model scores the
-next batch while the previous one is written. Batches keep their order through every stage.
+next batch while the previous one is written. The decoder hands a batch on once its decodes
+are submitted to the pool and claims the next, so the pool never idles at a batch boundary;
+inference waits for the batch's decodes. Batches keep their order through every stage.
 
 A crash leaves files only in the claim folder; at start-up ``recover`` re-files those whose
 row is already in results.csv (same claim id and relative path) and re-processes the
@@ -34,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
@@ -165,6 +167,36 @@ class Scored:
     infer_s: float
     second_look: list[Item] = dataclasses.field(default_factory=list)  # owed a pass from a full decode
     n_second_look: int = 0  # files whose answer came from that pass
+
+
+@dataclass
+class Decoding:
+    """A claimed batch whose files the decode pool is working on, on its way to inference.
+
+    The decoder thread hands it over as soon as the decodes are submitted and goes on to claim
+    the next batch, so the pool always has work queued: no core waits at a batch boundary for
+    the batch's slowest decode, or for the next batch's claims.
+    """
+
+    items: list[Item]
+    futures: list[Future[Item]]
+    submitted: float  # time.monotonic()
+
+    def result(self, keep_alive: Callable[[], None]) -> list[Item]:
+        """The items once every decode has finished, calling ``keep_alive`` every 0.2 s meanwhile."""
+        pending: set[Future[Item]] = set(self.futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            if pending:
+                keep_alive()
+        for future in self.futures:
+            future.result()  # load_item keeps a file's errors in its item: this raises only on a bug
+        log.debug(
+            "batch_decoded",
+            n_files=len(self.futures),
+            decode_ms=round((time.monotonic() - self.submitted) * 1000, 1),
+        )
+        return self.items
 
 
 THUMB_SIDE = 256  # longest side of the radiograph kept for a heat map overlay (PNG cost ~ pixels)
@@ -336,7 +368,7 @@ class Service:
         self._reload_now = threading.Event()  # SIGHUP
         self._signals = SignalQueue()  # filled by the signal handler, emptied by the main thread
         self._stop_deadline = False  # install_signal_handlers(stop_deadline=True): bounded stop
-        self._decoded: queue.Queue[list[Item] | None] = queue.Queue(maxsize=2)
+        self._decoded: queue.Queue[Decoding | None] = queue.Queue(maxsize=2)
         self._scored: queue.Queue[Scored | None] = queue.Queue(maxsize=1)
         self._reporter_error: BaseException | None = None
         self._reporter_beat = time.monotonic()
@@ -592,10 +624,8 @@ class Service:
         assert self.predictor is not None
         spec = self.predictor.spec
         todo = [i for i in items if not i.known_destination]
-        t0 = time.monotonic()
-        list(pool.map(lambda i: self._load(i, spec, max_bytes), todo))
-        log.debug("batch_decoded", n_files=len(todo), decode_ms=round((time.monotonic() - t0) * 1000, 1))
-        self._decoded.put(items)
+        futures = [pool.submit(self._load, i, spec, max_bytes) for i in todo]
+        self._decoded.put(Decoding(items, futures, time.monotonic()))
 
     def _load(self, item: Item, spec: PreprocessSpec, max_bytes: int) -> Item:
         return load_item(
@@ -622,7 +652,7 @@ class Service:
 
     def queue_depth(self) -> int:
         """Files noticed but not yet scored: settling, ready, and decoded batches waiting."""
-        waiting = sum(len(b) for b in list(self._decoded.queue) if b)
+        waiting = sum(len(b.items) for b in list(self._decoded.queue) if b)
         waiting += sum(len(b.items) for b in list(self._scored.queue) if b)
         return self.ingest.pending_count() + self.ingest.ready.qsize() + waiting
 
@@ -672,27 +702,28 @@ class Service:
         The reporter draws heat maps, appends rows and moves files while this loop already
         scores the next batch, so the model never waits for PNG encoding or fsyncs. A batch
         with borderline files (the second look) is held until their full decodes are scored,
-        in the next batch's pass if that batch is ready, else alone at once.
+        in the next batch's pass if that batch is already claimed (its decodes under way or
+        done), else alone at once.
         """
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
         held: Scored | None = None  # its second look rides along with the next batch's pass
         try:
             while True:
-                self._ping_watchdog()
-                self._tick()
-                try:  # with a batch held, only take one that is ready now: never wait for it
-                    items = self._decoded.get(block=held is None, timeout=0.2)
+                self._keep_alive()
+                try:  # with a batch held, only take one already claimed: never wait for files
+                    decoding = self._decoded.get(block=held is None, timeout=0.2)
                 except queue.Empty:
                     if held is not None:
                         held = self._hand_over_after(held, self._infer([], held))
                     else:
                         self._maybe_reload()
                     continue
-                if items is None:
+                if decoding is None:
                     if held is not None:
                         self._hand_over_after(held, self._infer([], held))
                     break
+                items = decoding.result(keep_alive=self._keep_alive)
                 if held is not None and self._reload_due():  # complete it under the model that held it
                     held = self._hand_over_after(held, self._infer([], held))
                 if held is None:
@@ -717,6 +748,11 @@ class Service:
             systemd.notify("WATCHDOG=1")
             self._last_ping = now
 
+    def _keep_alive(self) -> None:
+        """What the inference loop does while it waits: the watchdog, signals, the status file."""
+        self._ping_watchdog()
+        self._tick()
+
     def _hand_over_after(self, held: Scored | None, scored: Scored) -> Scored | None:
         """Hand over ``held`` (now complete), then ``scored`` unless its second look is still
         owed; returns the batch to hold, if any."""
@@ -739,8 +775,7 @@ class Service:
             except queue.Full:
                 if self._reporter_error is not None:
                     return  # the reporter is gone: nothing will take it
-                self._ping_watchdog()
-                self._tick()
+                self._keep_alive()
 
     def _report_loop(self) -> None:
         """Stage 3, in order: heat maps, rows, moves, review page, drift, per batch."""
