@@ -24,7 +24,7 @@ from watcher.explain import CamArray, ExplainError, find_last_conv_block, forwar
 from watcher.runtime import usable_cores
 
 # images per session run and intra-op thread: on one thread (what the daemon gives the model on
-# 2 cores) the shipped model took 1.08-1.11 ms of CPU per image in runs of 2-4 images against
+# 2 cores) the shipped model took 1.09-1.11 ms of CPU per image in runs of 4 images against
 # 1.30-1.38 ms in runs of 32, whose activations no longer stay in the caches
 CHUNK_PER_THREAD = 4
 MAX_DIFF = 1e-4  # largest difference from TensorFlow's sigmoid on the probe batch
