@@ -6,6 +6,9 @@ heat maps are wanted, the explained block's activations. The session is only use
 answers on a probe batch match TensorFlow's (``MAX_DIFF``); anything else raises
 ``OnnxUnavailable`` and the caller keeps TensorFlow.
 
+A batch runs ``CHUNK_PER_THREAD`` images per intra-op thread at a time: per image, small runs
+cost less CPU than one run of 32, whose activations no longer stay in the caches.
+
 Heat maps need no gradients here: where only max pooling, global average pooling and dropout
 sit between the explained block and a one-unit Dense head, Grad-CAM's channel weights are the
 head's weights divided by the block's grid size, whatever the image (each pooling window
