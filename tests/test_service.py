@@ -253,7 +253,8 @@ class TestRunOnce:
         self, tmp_path: Path, make_config: Callable[..., Config]
     ) -> None:
         """The decoder queues a batch as soon as its decodes are submitted and goes on to claim
-        the next, so the pool never idles at a batch boundary; inference waits for the decodes."""
+        the next, so the pool never idles at a batch boundary; inference waits for the decodes,
+        feeding the watchdog, and logs ``decode_slow`` with the files when they take too long."""
         from concurrent.futures import ThreadPoolExecutor
         from pathlib import PurePosixPath
 
@@ -272,13 +273,18 @@ class TestRunOnce:
             assert returns_within(svc._decode_batch, (pool, items, 1 << 20), timeout=10)
             assert 3 == svc.queue_depth()  # queued for inference, not yet decoded
             decoding = svc._decoded.get_nowait()
-            assert not any(f.done() for f in decoding.futures)
+            assert not any(f.done() for f in decoding.decodes)
             waits: list[float] = []
-            threading.Timer(0.5, gate.set).start()
-            got = decoding.result(keep_alive=lambda: waits.append(time.monotonic()))
+            threading.Timer(1.0, gate.set).start()
+            with capture_logs() as logs:
+                got = decoding.result(keep_alive=lambda: waits.append(time.monotonic()), slow_after=0.4)
         assert got is items
         assert waits, "inference waited for the decodes without keeping the watchdog fed"
         assert all(i.model_input is not None and not i.error for i in items)
+        slow = [e for e in logs if e["event"] == "decode_slow"]
+        assert slow and "warning" == slow[0]["log_level"]  # the wait is named, with its files
+        assert sorted(p.name for p in fixture_images()[:3]) == slow[0]["files"]
+        assert len(slow) <= 3  # once per period, not every 0.2 s poll
 
     def test_broken_model_keeps_previous_serving(self, make_config: Callable[..., Config]) -> None:
         """A newly promoted version that fails to load leaves the old one serving."""

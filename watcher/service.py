@@ -169,6 +169,9 @@ class Scored:
     n_second_look: int = 0  # files whose answer came from that pass
 
 
+DECODE_SLOW_S = 60.0  # a batch whose decodes have not all returned by then is logged, and again each period
+
+
 @dataclass
 class Decoding:
     """A claimed batch whose files the decode pool is working on, on its way to inference.
@@ -179,21 +182,36 @@ class Decoding:
     """
 
     items: list[Item]
-    futures: list[Future[Item]]
+    decodes: dict[Future[Item], Item]  # the items being decoded (not those only owed a move)
     submitted: float  # time.monotonic()
 
-    def result(self, keep_alive: Callable[[], None]) -> list[Item]:
-        """The items once every decode has finished, calling ``keep_alive`` every 0.2 s meanwhile."""
-        pending: set[Future[Item]] = set(self.futures)
+    def result(self, keep_alive: Callable[[], None], slow_after: float = DECODE_SLOW_S) -> list[Item]:
+        """The items once every decode has finished, calling ``keep_alive`` every 0.2 s meanwhile.
+
+        A read or decode that has not returned after ``slow_after`` seconds (a hung network
+        mount, a wedged decoder) is logged as ``decode_slow`` with its files, and again every
+        ``slow_after`` seconds while it lasts: the files stay claimed, and nothing behind them moves.
+        """
+        pending: set[Future[Item]] = set(self.decodes)
+        warn_at = self.submitted + slow_after
         while pending:
             _, pending = wait(pending, timeout=0.2)
             if pending:
                 keep_alive()
-        for future in self.futures:
+                now = time.monotonic()
+                if now >= warn_at:
+                    warn_at = now + slow_after
+                    log.warning(
+                        "decode_slow",
+                        waited_s=round(now - self.submitted, 1),
+                        files=sorted(str(self.decodes[f].rel) for f in pending),
+                        hint="a read or decode has not returned: check the filesystem these files are on",
+                    )
+        for future in self.decodes:
             future.result()  # load_item keeps a file's errors in its item: this raises only on a bug
         log.debug(
             "batch_decoded",
-            n_files=len(self.futures),
+            n_files=len(self.decodes),
             decode_ms=round((time.monotonic() - self.submitted) * 1000, 1),
         )
         return self.items
@@ -624,8 +642,8 @@ class Service:
         assert self.predictor is not None
         spec = self.predictor.spec
         todo = [i for i in items if not i.known_destination]
-        futures = [pool.submit(self._load, i, spec, max_bytes) for i in todo]
-        self._decoded.put(Decoding(items, futures, time.monotonic()))
+        decodes = {pool.submit(self._load, i, spec, max_bytes): i for i in todo}
+        self._decoded.put(Decoding(items, decodes, time.monotonic()))
 
     def _load(self, item: Item, spec: PreprocessSpec, max_bytes: int) -> Item:
         return load_item(
