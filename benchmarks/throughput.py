@@ -354,9 +354,9 @@ def extra_work(
     session with the block output; both warmed up first), and drawing plus
     writing the overlay (``overlay_png``, ``write_overlay`` without fsync, as the daemon
     does, into ``workdir``). One thread, not a pool: threads would add their contention for
-    the GIL and caches to the work itself. What is left between the work ceiling and the daemon is the
-    pipeline's own cost: noticing, claiming, hashing, rows, moves, fsyncs, hand-overs,
-    contention, and cores left idle.
+    the GIL and caches to the work itself. What is left between the work ceiling and the
+    daemon is the pipeline's own cost: noticing, claiming, hashing, rows, moves, fsyncs,
+    hand-overs, contention, and cores left idle.
     """
     floor = input_floor(predictor.spec)
     batch = 32

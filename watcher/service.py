@@ -669,7 +669,8 @@ class Service:
             log.info("metrics_serving", host=self.cfg.metrics.host, port=self.cfg.metrics.port)
 
     def queue_depth(self) -> int:
-        """Files noticed but not yet scored: settling, ready, and decoded batches waiting."""
+        """Files noticed but not yet scored: settling, ready, and claimed batches waiting for
+        inference (decoding or decoded)."""
         waiting = sum(len(b.items) for b in list(self._decoded.queue) if b)
         waiting += sum(len(b.items) for b in list(self._scored.queue) if b)
         return self.ingest.pending_count() + self.ingest.ready.qsize() + waiting
