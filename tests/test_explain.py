@@ -19,6 +19,7 @@ from watcher.explain import (
     border_mass_fraction,
     find_last_conv_block,
     overlay_png,
+    stored_png,
     upsample_map,
     write_overlay,
 )
@@ -284,6 +285,31 @@ class TestOverlay:
         assert overlay_png(image, np.full((8, 8), np.nan), "NORMAL", 0.2, 0.5).startswith(b"\x89PNG")
         with pytest.raises(ValueError, match="2-D uint8"):
             overlay_png(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), "NORMAL", 0.2, 0.5)
+
+    @pytest.mark.parametrize("shape", [(1, 1), (30, 1456), (300, 420), (207, 256)])
+    def test_stored_png_decodes_to_the_same_pixels(self, shape: tuple[int, int]) -> None:
+        """libpng (checking both CRC-32 and Adler-32) reads back every pixel, in RGB order; the
+        sizes cover one block, exactly two full 65,535-byte deflate blocks, and several."""
+        rgb = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+        png = stored_png(rgb)
+        decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert decoded is not None
+        assert np.array_equal(rgb, cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB))
+
+    def test_stored_png_checksums_are_what_a_reader_checks(self) -> None:
+        """One pixel byte changed inside the file: the reader refuses it (so the round trip
+        above also proves the checksums right), and a bad image is a ValueError."""
+        rgb = np.full((20, 20, 3), 100, np.uint8)
+        png = bytearray(stored_png(rgb))
+        png[len(png) // 2] ^= 0x01
+        assert cv2.imdecode(np.frombuffer(bytes(png), np.uint8), cv2.IMREAD_UNCHANGED) is None
+        for bad in (
+            np.zeros((4, 4), np.uint8),
+            np.zeros((4, 4, 3), np.uint16),
+            np.zeros((0, 4, 3), np.uint8),
+        ):
+            with pytest.raises(ValueError, match="non-empty"):
+                stored_png(bad)
 
     def test_write_overlay_is_atomic_and_makes_folders(self, tmp_path: Path) -> None:
         """Parent folders are created, the bytes land whole, no temp file stays behind."""
