@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from watcher import model_store
+from watcher import model_store, onnxrt
 from watcher.config import Config, load_config
 from watcher.imaging import PreprocessSpec
 
@@ -59,10 +59,17 @@ def publish_tiny(
     weight: float = 20.0,
     conv: bool = False,
     heavy: int = 0,
+    onnx: bool = True,
 ) -> str:
-    """Publish a tiny model version into ``store`` and (optionally) make it current."""
+    """Publish a tiny model version into ``store`` and (optionally) make it current.
+
+    ``onnx``: with its ONNX graph, as ``train`` publishes, so a daemon serves it without
+    loading TensorFlow (8 s of each daemon's start on a slow 2-core machine).
+    """
     build = model_store.new_build_dir(store)
     build_tiny_model(bias, weight, conv, heavy).save(build / model_store.MODEL_FILE)
+    if onnx:
+        onnxrt.export_artifact(build)
     meta = {
         "architecture": "tiny-test",
         "preprocessing": TINY_SPEC.to_dict(),

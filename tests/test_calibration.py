@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,9 @@ class TestCalibrateSite:
         assert "v0003" == version
         base = (store / "v0002" / "model.keras").read_bytes()
         assert base == (store / version / "model.keras").read_bytes()
+        # v0002 has no model.onnx: one is exported for the new version, from those weights
+        info = json.loads((store / version / "model.onnx.json").read_text())
+        assert hashlib.sha256(base).hexdigest() == info["source_sha256"]
 
     def test_metadata_names_base_and_sample(self, calibrated: tuple[Path, str], sample: Path) -> None:
         """metadata.json records the base, the counts per class and each file's sha256."""

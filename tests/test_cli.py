@@ -112,6 +112,8 @@ class TestModels:
             "imported_from"
         ]
         assert (source / "model.keras").read_bytes() == (mine / "v0003" / "model.keras").read_bytes()
+        graph = json.loads((mine / "v0003" / "model.onnx.json").read_text())  # exported at import
+        assert sha == graph["source_sha256"]
         assert "v0004" == promoted[1].strip() == (mine / "CURRENT").read_text().strip()
         assert 0 == predicted[0] and ",v0004," in predicted[1], predicted[2]
         (rc, _, err), (rc_empty, _, err_empty) = refused

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +13,20 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import FULLRES, fixture_images
+from tests.harness import run_once
 from watcher.config import Config
 from watcher.explain import ExplainError, GradCam, forward_cam, linear_head_weights
 from watcher.imaging import decode, input_floor, preprocess
 from watcher.inference import Predictor
-from watcher.onnxrt import MAX_DIFF, MAX_MAP_DIFF, OnnxModel, OnnxUnavailable
+from watcher.onnxrt import (
+    MAX_DIFF,
+    MAX_MAP_DIFF,
+    ONNX_FILE,
+    ONNX_INFO,
+    OnnxModel,
+    OnnxUnavailable,
+    export_artifact,
+)
 from watcher.report import read_rows
 from watcher.service import Service
 
@@ -158,3 +169,134 @@ class TestDaemon:
         for name, row in tf_rows.items():
             assert row["label"] == ort_rows[name]["label"]
             assert float(row["probability"]) == pytest.approx(float(ort_rows[name]["probability"]), abs=1e-4)
+
+
+def _saved(model, folder: Path) -> Path:  # type: ignore[no-untyped-def]
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.keras")
+    return folder
+
+
+class TestStoredGraph:
+    """A version's ``model.onnx``: exported at publish, served without TensorFlow, refused
+    (so the model is converted as before) whenever it does not match the model."""
+
+    def test_exported_graph_answers_like_the_converted_one(self, tmp_path: Path) -> None:
+        model = dense_head_model()
+        folder = _saved(model, tmp_path / "v")
+        assert export_artifact(folder) is True
+        assert export_artifact(folder) is False  # a matching pair is kept, not made again
+        stored = OnnxModel.from_artifact(folder, 32, 32, with_maps=True, threads=1)
+        converted = OnnxModel(model, 32, 32, with_maps=True, threads=1)
+        raw, maps = stored.predict_and_explain(batch())
+        ref_raw, ref_maps = converted.predict_and_explain(batch())
+        assert np.abs(raw - ref_raw).max() < 1e-6 and np.abs(maps - ref_maps).max() < 1e-6
+        assert np.abs(stored.raw(batch()) - raw).max() == 0.0
+        assert np.allclose(maps.max(axis=(1, 2)), 1.0) and (maps == 0).any()  # real maps
+        info = json.loads((folder / ONNX_INFO).read_text())
+        assert hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest() == info["source_sha256"]
+        assert 0o644 == (folder / ONNX_FILE).stat().st_mode & 0o777
+
+    @pytest.mark.parametrize(
+        ("damage", "reason"),
+        [
+            ("other model", "made from another model.keras"),
+            ("graph byte", "does not match its record"),
+            ("probe answers", "differ from TensorFlow's recorded"),
+            ("probe maps", "differ from TensorFlow's recorded Grad-CAM"),
+            ("no record", "unreadable"),
+            ("no graph", "has no model.onnx"),
+        ],
+    )
+    def test_a_graph_that_does_not_match_is_refused(self, tmp_path: Path, damage: str, reason: str) -> None:
+        folder = _saved(dense_head_model(), tmp_path / "v")
+        export_artifact(folder)
+        info_path, graph_path = folder / ONNX_INFO, folder / ONNX_FILE
+        info = json.loads(info_path.read_text())
+        if damage == "other model":
+            seed_like_model().save(folder / "model.keras")
+        elif damage == "graph byte":
+            data = bytearray(graph_path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            graph_path.write_bytes(bytes(data))
+        elif damage == "probe answers":
+            info["probe"]["probabilities"][0] += 0.01
+            info_path.write_text(json.dumps(info))
+        elif damage == "probe maps":
+            info["probe"]["maps"][1][2][3] += 0.01
+            info_path.write_text(json.dumps(info))
+        elif damage == "no record":
+            info_path.unlink()
+        else:
+            graph_path.unlink()
+        with pytest.raises(OnnxUnavailable, match=reason):
+            OnnxModel.from_artifact(folder, 32, 32, with_maps=True, threads=1)
+        if damage in ("other model", "graph byte", "no graph"):
+            assert export_artifact(folder) is True  # made again, and then it serves
+            OnnxModel.from_artifact(folder, 32, 32, with_maps=damage != "other model", threads=1)
+
+    def test_a_head_that_needs_gradients_exports_scores_only(self, tmp_path: Path) -> None:
+        model = seed_like_model()
+        folder = _saved(model, tmp_path / "v")
+        assert export_artifact(folder) is True
+        assert json.loads((folder / ONNX_INFO).read_text())["block"] is None
+        with pytest.raises(OnnxUnavailable, match="no heat maps without gradients"):
+            OnnxModel.from_artifact(folder, 32, 32, with_maps=True, threads=1)
+        plain = OnnxModel.from_artifact(folder, 32, 32, with_maps=False, threads=1)
+        tf_raw = np.asarray(model(batch(), training=False)).reshape(-1)
+        assert np.abs(plain.raw(batch()) - tf_raw).max() <= MAX_DIFF
+
+    def test_the_shipped_version_carries_a_graph_that_matches(self) -> None:
+        version = SHIPPED / (SHIPPED / "CURRENT").read_text().strip()
+        pred = Predictor(SHIPPED, load_model=False)
+        pred.use_onnx(with_maps=True, threads=1)
+        assert "model.onnx" == pred.onnx_graph and "" == pred.onnx_graph_problem
+        assert pred._model is None  # Keras was never asked for
+        assert (version / ONNX_FILE).is_file()
+
+    def _run(self, make_config: Callable[..., Config], store: Path) -> tuple[dict[str, dict[str, str]], list]:  # type: ignore[type-arg]
+        cfg = make_config(runtime="auto", explain={"enabled": True}, model_store=str(store))
+        for path in fixture_images()[:6]:
+            shutil.copy(path, cfg.inbox / path.name)
+        done = run_once(cfg, timeout=180)
+        assert 0 == done.returncode, done.stderr[-2000:]
+        events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        rows = {r["file"]: dict(r) for r in read_rows(cfg.results)}
+        assert 6 == len(rows) and all(r["heatmap"] for r in rows.values())
+        shutil.rmtree(cfg.results.parent / "processed")
+        shutil.rmtree(cfg.results.parent / "heatmaps")
+        cfg.results.unlink()
+        return rows, events
+
+    def test_the_daemon_serves_the_stored_graph_without_tensorflow(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """A real ``run --once``: the shipped version scores and explains from model.onnx with
+        TensorFlow never imported; with the graph's record not matching the model it is
+        converted as before (a warning says why), with the same rows."""
+        store = tmp_path / "store"
+        shutil.copytree(SHIPPED, store, ignore=shutil.ignore_patterns("*.png"))
+        stored_rows, events = self._run(make_config, store)
+        (loaded,) = [e for e in events if e["event"] == "model_loaded"]
+        assert ("onnxruntime", "model.onnx", False) == (
+            loaded["runtime"],
+            loaded["onnx_graph"],
+            loaded["tensorflow_loaded"],
+        )
+        (device,) = [e for e in events if e["event"] == "device"]
+        assert ("CPU", "not loaded") == (device["device"], device["tensorflow"])
+        version = store / (store / "CURRENT").read_text().strip()
+        info = json.loads((version / ONNX_INFO).read_text())
+        info["source_sha256"] = "0" * 64
+        (version / ONNX_INFO).write_text(json.dumps(info))
+        converted_rows, events = self._run(make_config, store)
+        (loaded,) = [e for e in events if e["event"] == "model_loaded"]
+        assert ("converted at load", True) == (loaded["onnx_graph"], loaded["tensorflow_loaded"])
+        (unused,) = [e for e in events if e["event"] == "onnx_graph_unused"]
+        assert "warning" == unused["level"] and "another model.keras" in str(unused["reason"])
+        assert stored_rows.keys() == converted_rows.keys()
+        for name, row in stored_rows.items():
+            assert row["label"] == converted_rows[name]["label"]
+            assert float(row["probability"]) == pytest.approx(
+                float(converted_rows[name]["probability"]), abs=1e-5
+            )

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from watcher import evaluation, model_store
+from watcher import evaluation, model_store, onnxrt
 from watcher.augment import AugmentOptions, augment_grey
 from watcher.errors import TrainingError
 from watcher.imaging import PreprocessSpec
@@ -74,8 +74,13 @@ class TestTrain:
             model_store.METADATA_FILE,
             model_store.METRICS_FILE,
             *evaluation.PLOT_FILES,
+            onnxrt.ONNX_FILE,  # the daemon serves it without TensorFlow
+            onnxrt.ONNX_INFO,
         }
         assert expected <= files
+        pred = Predictor(store, version, load_model=False)
+        pred.use_onnx(with_maps=False, threads=1)
+        assert ("model.onnx", None) == (pred.onnx_graph, pred._model)
 
     def test_metadata_contract(self, trained: tuple[Path, str]) -> None:
         """metadata.json carries what Predictor and the report need."""

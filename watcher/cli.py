@@ -27,7 +27,9 @@ from watcher.splits import class_folder_problem
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = "config.yaml"
-_NEEDS_TENSORFLOW = {"run", "check", "predict", "evaluate", "train", "calibrate", "backfill"}
+# imported (quietly) up front; ``run`` loads it only if the version must be served or converted
+# by TensorFlow (a GPU host, runtime: tensorflow, a version without a usable model.onnx)
+_NEEDS_TENSORFLOW = {"check", "predict", "evaluate", "train", "calibrate", "backfill"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ daemon, ``predict`` and ``evaluate`` give the same answer for the same file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,13 @@ def calibrate(
 class Predictor:
     """A loaded model version."""
 
-    def __init__(self, store: Path, version: str | None = None) -> None:
-        import keras  # imported here so that modules without a model stay light
+    def __init__(self, store: Path, version: str | None = None, load_model: bool = True) -> None:
+        """Read the version's metadata and, unless ``load_model`` is False, its Keras model.
 
+        ``load_model=False`` (the daemon, where it will serve through ONNX Runtime): the Keras
+        model, and with it TensorFlow, is loaded only when something asks for ``model``, which
+        ``use_onnx`` does only when the version has no usable ``model.onnx``.
+        """
         self.store = store
         self.version = version or model_store.current_version(store)
         self.metadata = model_store.read_metadata(store, self.version)
@@ -69,17 +74,37 @@ class Predictor:
                 f"metadata.json of {self.version}: threshold {self.threshold} must be in (0, 1), "
                 f"temperature {self.temperature} > 0 and logit_shift {self.logit_shift} finite"
             )
-        path = store / self.version / model_store.MODEL_FILE
-        try:
-            self.model = keras.saving.load_model(path, compile=False)
-        except Exception as exc:  # Keras raises many types for a bad file
-            raise ModelStoreError(f"cannot load {path}: {exc}") from exc
+        self._model: Any = None
         self._serve: Any = None
         self.onnx: Any = None  # an onnxrt.OnnxModel once use_onnx() succeeded
+        self.onnx_graph = ""  # where it came from: "model.onnx" or "converted at load"
+        self.onnx_graph_problem = ""  # why the version's model.onnx was not used
+        if load_model:
+            self._load_model()
+
+    @property
+    def model(self) -> Any:
+        """The version's Keras model (loaded, with TensorFlow, on first use)."""
+        if self._model is None:
+            self._load_model()
+        return self._model
+
+    def _load_model(self) -> None:
+        from watcher import runtime
+
+        runtime.import_tensorflow()  # its start-up lines kept quiet, as the CLI does
+        import keras
+
+        path = self.store / self.version / model_store.MODEL_FILE
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad file
+            raise ModelStoreError(f"cannot load {path}: {exc}") from exc
         expected = (self.spec.height, self.spec.width, 1)
-        got = tuple(self.model.input_shape[1:])
+        got = tuple(model.input_shape[1:])
         if got != expected:
             raise ModelStoreError(f"{path} takes input {got} but metadata.json describes {expected}")
+        self._model = model
 
     def probabilities(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """Calibrated pneumonia probabilities for a batch of shape (n, h, w, 1)."""
@@ -105,16 +130,33 @@ class Predictor:
         out = self._serve(np.ascontiguousarray(batch, dtype=np.float32))
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
-    def use_onnx(self, with_maps: bool, threads: int = 0) -> None:
+    def use_onnx(
+        self, with_maps: bool, threads: int = 0, before_conversion: Callable[[], None] | None = None
+    ) -> None:
         """Serve through ONNX Runtime from now on (``with_maps``: heat maps from the same pass;
         ``threads``: for one model call, 0 = every usable core).
 
         Raises ``onnxrt.OnnxUnavailable`` (and TensorFlow keeps serving) when it cannot, or
         when its answers on a probe batch differ from TensorFlow's.
-        """
-        from watcher.onnxrt import OnnxModel
 
-        self.onnx = OnnxModel(self.model, self.spec.height, self.spec.width, with_maps, threads)
+        The version's stored graph (``model.onnx``) is used where it matches the model and
+        answers like TensorFlow did when it was exported; else ``model.keras`` is converted
+        (which loads TensorFlow; ``before_conversion`` is called first). Why the stored graph
+        was not used is kept in ``onnx_graph_problem`` (empty when it was).
+        """
+        from watcher.onnxrt import OnnxModel, OnnxUnavailable
+
+        h, w = self.spec.height, self.spec.width
+        try:
+            self.onnx = OnnxModel.from_artifact(self.store / self.version, h, w, with_maps, threads)
+            self.onnx_graph, self.onnx_graph_problem = "model.onnx", ""
+            return
+        except OnnxUnavailable as exc:
+            self.onnx_graph_problem = str(exc)
+        if before_conversion is not None:
+            before_conversion()
+        self.onnx = OnnxModel(self.model, h, w, with_maps, threads)
+        self.onnx_graph = "converted at load"
 
     @property
     def runtime(self) -> str:

@@ -6,7 +6,9 @@ Layout::
       CURRENT            one line: the version the daemon serves (replaced atomically)
       history.jsonl      every change of CURRENT, for ``rollback``
       v0001/             a published version, never edited afterwards
-        model.keras      the Keras model
+        model.keras      the Keras model (the record)
+        model.onnx       the same network as an ONNX graph, exported at publish (optional;
+        model.onnx.json  its record: see watcher.onnxrt), served without TensorFlow
         metadata.json    preprocessing, threshold, temperature, classes, training summary
         metrics.json     validation report (when training made one)
         *.png            plots
@@ -216,6 +218,9 @@ def import_version(store: Path, source: Path) -> str:
             metadata = Predictor(store, build.name).metadata
         except ModelStoreError as exc:
             raise ModelStoreError(f"{source} cannot be imported: {exc}") from exc
+        from watcher import onnxrt
+
+        onnxrt.export_or_explain(build)  # checks a copied model.onnx against the model, or makes one
         digest = hashlib.sha256((build / MODEL_FILE).read_bytes()).hexdigest()
         metadata["imported_from"] = {
             "path": str(source),

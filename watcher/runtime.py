@@ -39,7 +39,7 @@ def quiet_tensorflow(log_level: str) -> None:
     _quiet_import = log_level != "debug"
     if log_level == "debug":
         level = "0"
-    elif glob.glob("/dev/nvidia[0-9]*"):
+    elif has_nvidia_device():
         level = "2"
     else:
         level = "3"
@@ -99,6 +99,26 @@ def wants_onnx(setting: str, device: str | None) -> bool:
     """Whether the ``runtime`` config key asks for ONNX Runtime on this ``device`` ("CPU"/"GPU",
     from ``configure_tensorflow``): always for ``onnxruntime``, on a host without GPU for ``auto``."""
     return setting == "onnxruntime" or (setting == "auto" and device == "CPU")
+
+
+def has_nvidia_device() -> bool:
+    """Whether the kernel shows an NVIDIA GPU (``/dev/nvidia0``...): without one TensorFlow
+    cannot use a GPU, so there is no need to import it to find out."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def detect_device(threads: int = 0) -> dict[str, Any]:
+    """What the model will run on, importing TensorFlow only where a GPU may be there.
+
+    With an NVIDIA device (or TensorFlow already configured) this is ``configure_tensorflow``'s
+    answer. Without one, the host is a CPU host for TensorFlow too, and the answer is built
+    without importing it (``tensorflow``: "not loaded"); TensorFlow is loaded and configured
+    later only if something needs it (``configure_tensorflow``, idempotent).
+    """
+    if _configured is not None or has_nvidia_device():
+        return configure_tensorflow(threads)
+    n = threads or usable_cores()
+    return {"tensorflow": "not loaded", "device": "CPU", "cpu": _cpu_model(), "threads": n}
 
 
 def configure_tensorflow(threads: int = 0) -> dict[str, Any]:

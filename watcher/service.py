@@ -32,6 +32,7 @@ import os
 import queue
 import signal
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -446,10 +447,13 @@ class Service:
         try:
             self.results.open()
             self._start_metrics()
-            self._device = runtime.configure_tensorflow()
+            self._device = runtime.detect_device()
+            if not self._wants_onnx():  # TensorFlow serves: its pools set before it loads a model
+                self._device = runtime.configure_tensorflow()
             log.info("device", **self._device)
             if self.predictor is None:
-                self.predictor = Predictor(self.cfg.model_store)
+                self.predictor = Predictor(self.cfg.model_store, load_model=not self._wants_onnx())
+            self._prepare(self.predictor)
             self._serving(self.predictor)
             warm_s = self.predictor.warm_up(self.cfg.batch.max_size)
             self._check_disk()
@@ -459,6 +463,8 @@ class Service:
                 threshold=self.predictor.threshold,
                 architecture=self.predictor.metadata.get("architecture"),
                 runtime=self.predictor.runtime,
+                onnx_graph=self.predictor.onnx_graph or None,
+                tensorflow_loaded="tensorflow" in sys.modules,
                 warm_up_ms=round(warm_s * 1000, 1),
             )
             self._recover()
@@ -834,7 +840,8 @@ class Service:
         if wanted == self.predictor.version or (wanted in self._bad_versions and not forced):
             return
         try:
-            new = Predictor(self.cfg.model_store, wanted)
+            new = Predictor(self.cfg.model_store, wanted, load_model=not self._wants_onnx())
+            self._prepare(new)
         except ModelStoreError as exc:
             self._bad_versions.add(wanted)
             log.error("model_load_failed", version=wanted, error=str(exc), serving=self.predictor.version)
@@ -909,7 +916,6 @@ class Service:
             log.error("intended_population_unreadable", model_version=predictor.version, error=str(exc))
             self._population = population_of({})
         self._explainer = None
-        self._use_onnx(predictor)
         if self.cfg.explain.enabled and predictor.onnx is not None:
             self._explainer = predictor.onnx  # maps from the same ONNX Runtime pass
         elif self.cfg.explain.enabled:
@@ -924,18 +930,34 @@ class Service:
             except ExplainError as exc:
                 log.error("heatmaps_unavailable", model_version=predictor.version, error=str(exc))
 
+    def _wants_onnx(self) -> bool:
+        return runtime.wants_onnx(self.cfg.runtime, self._device.get("device"))
+
+    def _prepare(self, predictor: Predictor) -> None:
+        """Make ``predictor`` ready to serve: ONNX Runtime where wanted and possible (from the
+        version's ``model.onnx`` where it has a usable one: no TensorFlow), else TensorFlow.
+        Raises ``ModelStoreError`` for a model that cannot be loaded, before it is served."""
+        self._use_onnx(predictor)
+        if predictor.onnx is None:  # TensorFlow serves (or converts): its pools set before it loads
+            self._device.update(runtime.configure_tensorflow())
+            _ = predictor.model
+
     def _use_onnx(self, predictor: Predictor) -> None:
         """Serve ``predictor`` through ONNX Runtime where ``runtime`` asks for it and it can."""
         wanted = self.cfg.runtime
-        if not runtime.wants_onnx(wanted, self._device.get("device")):
+        if not self._wants_onnx():
             return
-        from watcher.onnxrt import OnnxUnavailable
+        from watcher.onnxrt import ONNX_FILE, OnnxUnavailable
 
         # the cores the decoding threads leave: on 2 cores, one thread for the model (which
         # measured 229 images/s with heat maps and 284 without, against 205 and 274 with two)
         threads = max(1, runtime.usable_cores() - self.cfg.decode.workers)
         try:
-            predictor.use_onnx(with_maps=self.cfg.explain.enabled, threads=threads)
+            predictor.use_onnx(
+                with_maps=self.cfg.explain.enabled,
+                threads=threads,
+                before_conversion=lambda: self._device.update(runtime.configure_tensorflow()),
+            )
         except OnnxUnavailable as exc:
             level = log.warning if wanted == "onnxruntime" else log.info
             level(
@@ -943,6 +965,14 @@ class Service:
                 model_version=predictor.version,
                 reason=str(exc),
                 serving="tensorflow",
+            )
+        if predictor.onnx_graph_problem:  # converted from model.keras instead: loads TensorFlow
+            stored = (self.cfg.model_store / predictor.version / ONNX_FILE).exists()
+            (log.warning if stored else log.info)(
+                "onnx_graph_unused",
+                model_version=predictor.version,
+                reason=predictor.onnx_graph_problem,
+                consequence="model.keras converted at load (slower start, TensorFlow in memory)",
             )
 
     def _score(self, predictor: Predictor, good: list[Item]) -> tuple[list[Prediction], list[Any]]:

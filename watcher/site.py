@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from watcher import __version__, calibration, drift, evaluation, model_store
+from watcher import __version__, calibration, drift, evaluation, model_store, onnxrt
 from watcher.dicom import population_of
 from watcher.errors import DecodeError, EvaluationError, WatcherError
 from watcher.imaging import decode_bytes, preprocess
@@ -246,6 +246,10 @@ def calibrate_site(
     build = model_store.new_build_dir(store)
     try:
         shutil.copyfile(store / base_version / model_store.MODEL_FILE, build / model_store.MODEL_FILE)
+        for name in (onnxrt.ONNX_FILE, onnxrt.ONNX_INFO):  # the same weights: the same graph
+            if (store / base_version / name).is_file():
+                shutil.copyfile(store / base_version / name, build / name)
+        onnxrt.export_or_explain(build)  # checks the copied graph, or makes one
         rule_text = (
             f"{'best specificity' if rule == 'max_specificity' else 'max Youden J'} subject to sensitivity "
             f">= {min_sensitivity:g} on the site sample, midpoint to the next lower score"

@@ -57,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from watcher import __version__, architectures, calibration, drift, evaluation, model_store
+from watcher import __version__, architectures, calibration, drift, evaluation, model_store, onnxrt
 from watcher.augment import PROBES, AugmentOptions, augment_grey
 from watcher.dicom import DEFAULT_POPULATION
 from watcher.errors import DecodeError, ModelStoreError, TrainingError
@@ -527,6 +527,7 @@ def train(opts: TrainOptions) -> str:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         }
 
+        onnxrt.export_or_explain(build)  # model.onnx: the daemon serves it without TensorFlow
         version = model_store.publish_with_metadata(store, build, metadata)
     except BaseException:
         model_store.remove_build(build)
