@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,18 @@ class TestMonitor:
         assert monitor.update(shifted[99:100]) is not None
         assert monitor.update(shifted[100:149]) is None
         assert monitor.update(shifted[149:150]) is not None
+
+    def test_the_tests_library_is_loaded_with_the_monitor(self, validation: tuple) -> None:
+        """scipy.stats is imported when the monitor is built (before the daemon is ready), not
+        at its first check, where the import stalled a burst for 1.3 s."""
+        _, _, ref = validation
+        code = (
+            "import sys, json; from watcher import drift; before = 'scipy.stats' in sys.modules; "
+            f"drift.DriftMonitor(json.loads({json.dumps(json.dumps(ref))})); "
+            "print(before, 'scipy.stats' in sys.modules)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert "False True" == out.stdout.strip()
 
     def test_bad_reference(self) -> None:
         """A reference without both class histograms is a ValueError."""

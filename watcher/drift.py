@@ -187,6 +187,11 @@ class DriftMonitor:
         self.prevalence = float(stated) if stated is not None else None
         self._scores: deque[float] = deque(maxlen=window)
         self._since = 0
+        # the tests' library, imported now (the daemon builds its monitor before it is ready)
+        # rather than at the first check: there, importing scipy.stats took 1.3 s of CPU with
+        # the GIL held, in the middle of a burst (2 cores, AMD EPYC Zen 3)
+        import scipy.optimize  # type: ignore[import-untyped]
+        import scipy.stats  # type: ignore[import-untyped]  # noqa: F401
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -203,7 +208,7 @@ class DriftMonitor:
         return report if report.drift else None
 
     def _fit_prevalence(self, counts: npt.NDArray[np.float64]) -> float:
-        from scipy.optimize import minimize_scalar  # type: ignore[import-untyped]
+        from scipy.optimize import minimize_scalar
 
         def neg_log_lik(pi: float) -> float:
             return float(-np.sum(counts * np.log(pi * self.h1 + (1 - pi) * self.h0)))
@@ -213,7 +218,7 @@ class DriftMonitor:
 
     def check(self) -> DriftReport:
         """Run both tests on the current window (whatever its size)."""
-        from scipy.stats import binomtest, chi2  # type: ignore[import-untyped]
+        from scipy.stats import binomtest, chi2
 
         scores = np.asarray(self._scores, dtype=np.float64)
         n = int(scores.size)
