@@ -206,6 +206,7 @@ class TestStoredGraph:
             ("probe maps", "differ from TensorFlow's recorded Grad-CAM"),
             ("no record", "unreadable"),
             ("no graph", "has no model.onnx"),
+            ("no model", "cannot read"),
         ],
     )
     def test_a_graph_that_does_not_match_is_refused(self, tmp_path: Path, damage: str, reason: str) -> None:
@@ -227,6 +228,8 @@ class TestStoredGraph:
             info_path.write_text(json.dumps(info))
         elif damage == "no record":
             info_path.unlink()
+        elif damage == "no model":
+            (folder / "model.keras").unlink()
         else:
             graph_path.unlink()
         with pytest.raises(OnnxUnavailable, match=reason):

@@ -239,9 +239,13 @@ class OnnxModel:
             raise OnnxUnavailable(f"{info_path.name} of {folder.name} is unreadable: {exc}") from exc
         if shape != (height, width):
             raise OnnxUnavailable(f"{ONNX_FILE} takes {shape[0]}x{shape[1]}, the version {height}x{width}")
-        if _sha256(folder / MODEL_FILE) != source:
+        try:
+            made_from_this = _sha256(folder / MODEL_FILE) == source
+            graph = graph_path.read_bytes()
+        except OSError as exc:  # loading model.keras instead will say what is wrong with it
+            raise OnnxUnavailable(f"cannot read {folder.name}'s files: {exc}") from exc
+        if not made_from_this:
             raise OnnxUnavailable(f"{ONNX_FILE} of {folder.name} was made from another {MODEL_FILE}")
-        graph = graph_path.read_bytes()
         if hashlib.sha256(graph).hexdigest() != digest:
             raise OnnxUnavailable(
                 f"{ONNX_FILE} of {folder.name} does not match its record (changed or damaged)"
