@@ -966,13 +966,17 @@ class Service:
                 reason=str(exc),
                 serving="tensorflow",
             )
-        if predictor.onnx_graph_problem:  # converted from model.keras instead: loads TensorFlow
+        if predictor.onnx_graph_problem:  # model.keras loaded instead, and TensorFlow with it
             stored = (self.cfg.model_store / predictor.version / ONNX_FILE).exists()
             (log.warning if stored else log.info)(
                 "onnx_graph_unused",
                 model_version=predictor.version,
                 reason=predictor.onnx_graph_problem,
-                consequence="model.keras converted at load (slower start, TensorFlow in memory)",
+                consequence=(
+                    "model.keras converted at load (slower start, TensorFlow in memory)"
+                    if predictor.onnx is not None
+                    else "TensorFlow serves"
+                ),
             )
 
     def _score(self, predictor: Predictor, good: list[Item]) -> tuple[list[Prediction], list[Any]]:
