@@ -30,6 +30,36 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+class TestCheck:
+    def test_says_whether_run_can_serve_the_stored_graph(self, tmp_path: Path) -> None:
+        """check loads the config and the current version, and says whether `run` will serve
+        the version's model.onnx (no TensorFlow) or convert model.keras, and why."""
+        import shutil
+
+        store = tmp_path / "model_store"
+        shutil.copytree(
+            Path(__file__).parents[1] / "model_store", store, ignore=shutil.ignore_patterns("*.png")
+        )
+        for name in ("inbox", "processed", "failed"):
+            (tmp_path / name).mkdir()
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "inbox: inbox\nprocessed: processed\nfailed: failed\nresults: results.csv\n"
+            f"model_store: {store}\nlog: {{format: json}}\nexplain: {{enabled: true}}\n"
+        )
+
+        def check_event() -> dict[str, str]:
+            proc = cli("check", "--config", str(config))
+            assert 0 == proc.returncode, proc.stderr[-2000:]
+            (event,) = [json.loads(line) for line in proc.stdout.splitlines() if '"check_ok"' in line]
+            return event
+
+        assert check_event()["onnx_graph"].startswith("usable")
+        version = (store / "CURRENT").read_text().strip()
+        (store / version / "model.onnx").unlink()
+        assert f"not used ({version} has no model.onnx)" in check_event()["onnx_graph"]
+
+
 class TestPredict:
     def test_prints_csv_rows_and_moves_nothing(self, store: Path, tmp_path: Path) -> None:
         """predict writes one CSV row per file to stdout (logs elsewhere) and leaves files alone."""

@@ -331,9 +331,24 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_check(cfg: Config) -> int:
     from watcher.inference import Predictor
+    from watcher.onnxrt import OnnxModel, OnnxUnavailable
 
     predictor = Predictor(cfg.model_store)
-    log.info("check_ok", config=str(cfg.source), model_version=predictor.version, inbox=str(cfg.inbox))
+    spec = predictor.spec
+    try:  # what `run` will do with the version's stored graph on a host without GPU
+        OnnxModel.from_artifact(
+            cfg.model_store / predictor.version, spec.height, spec.width, cfg.explain.enabled, threads=1
+        )
+        graph = "usable: run serves it without loading TensorFlow (on a host without GPU)"
+    except OnnxUnavailable as exc:
+        graph = f"not used ({exc}): run converts model.keras with TensorFlow at start"
+    log.info(
+        "check_ok",
+        config=str(cfg.source),
+        model_version=predictor.version,
+        inbox=str(cfg.inbox),
+        onnx_graph=graph,
+    )
     return 0
 
 
