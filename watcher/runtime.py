@@ -92,6 +92,10 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+def _cpu_info(threads: int) -> dict[str, Any]:
+    return {"device": "CPU", "cpu": _cpu_model(), "threads": threads}
+
+
 _configured: dict[str, Any] | None = None
 
 
@@ -117,8 +121,7 @@ def detect_device(threads: int = 0) -> dict[str, Any]:
     """
     if _configured is not None or has_nvidia_device():
         return configure_tensorflow(threads)
-    n = threads or usable_cores()
-    return {"tensorflow": "not loaded", "device": "CPU", "cpu": _cpu_model(), "threads": n}
+    return {"tensorflow": "not loaded", **_cpu_info(threads or usable_cores())}
 
 
 def configure_tensorflow(threads: int = 0) -> dict[str, Any]:
@@ -153,6 +156,6 @@ def configure_tensorflow(threads: int = 0) -> dict[str, Any]:
                 names.append(gpu.name)
         info.update(device="GPU", gpus=names)
     else:
-        info.update(device="CPU", cpu=_cpu_model(), threads=n)
+        info.update(_cpu_info(n))
     _configured = info
     return info

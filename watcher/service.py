@@ -451,8 +451,8 @@ class Service:
             if not self._wants_onnx():  # TensorFlow serves: its pools set before it loads a model
                 self._device = runtime.configure_tensorflow()
             log.info("device", **self._device)
-            if self.predictor is None:
-                self.predictor = Predictor(self.cfg.model_store, load_model=not self._wants_onnx())
+            if self.predictor is None:  # its Keras model is loaded by _prepare, where needed
+                self.predictor = Predictor(self.cfg.model_store, load_model=False)
             self._prepare(self.predictor)
             self._serving(self.predictor)
             warm_s = self.predictor.warm_up(self.cfg.batch.max_size)
@@ -840,7 +840,7 @@ class Service:
         if wanted == self.predictor.version or (wanted in self._bad_versions and not forced):
             return
         try:
-            new = Predictor(self.cfg.model_store, wanted, load_model=not self._wants_onnx())
+            new = Predictor(self.cfg.model_store, wanted, load_model=False)
             self._prepare(new)
         except ModelStoreError as exc:
             self._bad_versions.add(wanted)
@@ -938,9 +938,13 @@ class Service:
         version's ``model.onnx`` where it has a usable one: no TensorFlow), else TensorFlow.
         Raises ``ModelStoreError`` for a model that cannot be loaded, before it is served."""
         self._use_onnx(predictor)
-        if predictor.onnx is None:  # TensorFlow serves (or converts): its pools set before it loads
-            self._device.update(runtime.configure_tensorflow())
+        if predictor.onnx is None:  # TensorFlow serves
+            self._configure_tensorflow()
             _ = predictor.model
+
+    def _configure_tensorflow(self) -> None:
+        """TensorFlow's pools set (and it imported) before it loads a model; idempotent."""
+        self._device.update(runtime.configure_tensorflow())
 
     def _use_onnx(self, predictor: Predictor) -> None:
         """Serve ``predictor`` through ONNX Runtime where ``runtime`` asks for it and it can."""
@@ -956,7 +960,7 @@ class Service:
             predictor.use_onnx(
                 with_maps=self.cfg.explain.enabled,
                 threads=threads,
-                before_conversion=lambda: self._device.update(runtime.configure_tensorflow()),
+                before_conversion=self._configure_tensorflow,
             )
         except OnnxUnavailable as exc:
             level = log.warning if wanted == "onnxruntime" else log.info
