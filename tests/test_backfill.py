@@ -171,6 +171,22 @@ class TestSameAnswers:
         check_same_answers(read_output(out), daemon_rows)
         assert not (out / bf.STAGING).exists()
 
+    def test_local_serves_the_versions_graph_without_tensorflow(
+        self, tmp_path: Path, archive: Path, store: Path
+    ) -> None:
+        """As the daemon on a host without GPU: the version's model.onnx, TensorFlow never imported."""
+        code = (
+            "import sys; from pathlib import Path; from watcher import backfill as bf; "
+            "s = bf.backfill(Path(sys.argv[1]), Path(sys.argv[2]), store=Path(sys.argv[3]), batch_size=8); "
+            "print(s['scored'], 'tensorflow' in sys.modules)"
+        )
+        argv = [sys.executable, "-c", code, str(archive), str(tmp_path / "out"), str(store)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        scored, tensorflow_loaded = proc.stdout.split()[-2:]
+        assert int(scored) > 0
+        assert "False" == tensorflow_loaded
+
     def test_ray_matches_run_once_and_resumes(
         self,
         ray_local: None,

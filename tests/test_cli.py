@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import cv2
 import pytest
 
 from tests.conftest import FULLRES, TRAIN_FIXTURES, fixture_images, publish_tiny
+
+SHIPPED_STORE = Path(__file__).parents[1] / "model_store"
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -88,6 +91,50 @@ class TestPredict:
         assert sorted(out / r["label"] / (Path(r["file"]).name + ".png") for r in rows) == written
         for png in written:
             assert cv2.imread(str(png), cv2.IMREAD_COLOR) is not None
+
+    def test_serves_the_versions_graph_without_tensorflow(self, store: Path, tmp_path: Path) -> None:
+        """predict answers from the version's model.onnx as the daemon does, heat maps from the
+        same pass, TensorFlow never imported; with the graph gone it converts model.keras (and
+        says why) and gives the same rows."""
+        mine = tmp_path / "store"  # the shipped model: its head lets ONNX Runtime give the maps
+        shutil.copytree(SHIPPED_STORE, mine, ignore=shutil.ignore_patterns("*.png"))
+        files = [str(p) for p in fixture_images()[:4]]
+
+        def predict(maps: Path) -> tuple[list[dict[str, str]], str, bool]:
+            argv = ["predict", "--store", str(mine), "--heatmaps", str(maps), *files]
+            [(rc, out, err)], tensorflow_loaded = cli_in_one_process(argv)
+            assert 0 == rc, err[-2000:]
+            assert sorted(
+                maps / r["label"] / (Path(r["file"]).name + ".png") for r in csv.DictReader(io.StringIO(out))
+            ) == sorted(maps.rglob("*.png"))
+            return list(csv.DictReader(io.StringIO(out))), err, tensorflow_loaded
+
+        stored, err, tensorflow_loaded = predict(tmp_path / "maps")
+        assert not tensorflow_loaded
+        assert "onnx_graph_unused" not in err
+        version = mine / (mine / "CURRENT").read_text().strip()
+        (version / "model.onnx").unlink()
+        converted, err, tensorflow_loaded = predict(tmp_path / "maps2")
+        assert tensorflow_loaded
+        assert "onnx_graph_unused" in err and "has no model.onnx" in err
+        assert [(r["file"], r["sha256"], r["label"]) for r in stored] == [
+            (r["file"], r["sha256"], r["label"]) for r in converted
+        ]
+        for a, b in zip(stored, converted, strict=True):
+            assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-5)
+
+    def test_heatmaps_of_a_model_without_convolution_refused_in_one_line(
+        self, store: Path, tmp_path: Path
+    ) -> None:
+        """--heatmaps with a version Grad-CAM cannot explain: exit 1 and why, before any row."""
+        proc = cli(
+            "predict", "--store", str(store), "--heatmaps", str(tmp_path / "maps"), str(fixture_images()[0])
+        )
+        assert 1 == proc.returncode
+        assert "" == proc.stdout
+        assert "cannot explain" in proc.stderr and "no 2-D convolutional layer" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "maps").exists()
 
 
 class TestModels:
@@ -258,17 +305,22 @@ class TestEvaluate:
 
 class TestQuietStartUp:
     def test_no_tensorflow_noise_unless_debug(self, store: Path, tmp_path: Path) -> None:
-        """predict prints its CSV and nothing of TensorFlow's C++ start-up (CUDA probes, oneDNN, absl)."""
+        """predict prints its CSV and nothing of TensorFlow's C++ start-up (CUDA probes, oneDNN, absl),
+        where it loads TensorFlow: a version without model.onnx, converted at load."""
         import os
 
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        (mine / (mine / "CURRENT").read_text().strip() / "model.onnx").unlink()
         env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL")}
         proc = subprocess.run(
-            [sys.executable, "-m", "watcher", "predict", "--store", str(store), str(fixture_images()[0])],
+            [sys.executable, "-m", "watcher", "predict", "--store", str(mine), str(fixture_images()[0])],
             capture_output=True,
             text=True,
             timeout=180,
             env=env,
         )
         assert 0 == proc.returncode, proc.stderr[-2000:]
+        assert "onnx_graph_unused" in proc.stderr  # TensorFlow was loaded to convert the model
         for noise in ("cuInit", "oneDNN", "absl::InitializeLog", "cuda_drivers", "I0000", "E0000"):
             assert noise not in proc.stderr + proc.stdout, noise

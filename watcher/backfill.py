@@ -3,7 +3,9 @@
 The daemon's data path, run over a folder that is only read: the candidate rules of
 ``ingest.scan_inbox`` (default extensions, hidden names skipped, links never followed),
 ``service.load_item`` (read, sha256, decode, preprocess), ``inference.Predictor`` (one
-model version, its threshold and temperature) and the columns of ``report.COLUMNS`` (less
+model version, its threshold and temperature; served as the daemon serves it, by
+``inference.serving_predictor``: on a host without GPU, ONNX Runtime from the version's
+``model.onnx``, with no TensorFlow in the process) and the columns of ``report.COLUMNS`` (less
 ``destination`` and ``claim``, plus ``path``, relative to the folder). Values are the
 strings results.csv would hold for the same file.
 
@@ -267,10 +269,12 @@ def _warning(batch: Batch, i: int, population: dict[str, Any]) -> str:
 class PredictBatch:
     """Ray Data callable class: one model version loaded once per actor, then batch after batch."""
 
-    def __init__(self, store: str, version: str, limits: dict[str, Any] | None = None) -> None:
-        from watcher.inference import Predictor
+    def __init__(
+        self, store: str, version: str, limits: dict[str, Any] | None = None, threads: int = 1
+    ) -> None:
+        from watcher.inference import serving_predictor
 
-        self.predictor = Predictor(Path(store), version)
+        self.predictor = serving_predictor(Path(store), version, threads=threads)
         self.instance = _instance()
         self.limits = DecodeConfig(**(limits or {}))
 
@@ -442,9 +446,12 @@ def _run_local(
     run_id: str,
 ) -> list[Path]:
     """Decode in ``workers`` threads (a few batches ahead), predict in this thread."""
-    from watcher.inference import Predictor
+    from watcher.inference import serving_predictor
+    from watcher.runtime import usable_cores
 
-    predictor = Predictor(store, version)
+    # the cores the decoding threads leave, as in the daemon (one on 2 cores)
+    threads = max(1, usable_cores() - workers)
+    predictor = serving_predictor(store, version, threads=threads)
     instance = _instance()
     writer = _PartWriter(output, run_id, part_rows)
     batches = deque(_batches(todo, batch_size))
@@ -524,7 +531,12 @@ def _run_ray(
         )
         ds = ds.map_batches(
             PredictBatch,
-            fn_constructor_kwargs={"store": str(store), "version": version, "limits": asdict(limits)},
+            fn_constructor_kwargs={
+                "store": str(store),
+                "version": version,
+                "limits": asdict(limits),
+                "threads": max(1, int(cpus_per_actor)),  # the model's threads: the cores it reserves
+            },
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray_data.ActorPoolStrategy(size=n_actors),

@@ -27,9 +27,10 @@ from watcher.splits import class_folder_problem
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = "config.yaml"
-# imported (quietly) up front; ``run`` loads it only if the version must be served or converted
-# by TensorFlow (a GPU host, runtime: tensorflow, a version without a usable model.onnx)
-_NEEDS_TENSORFLOW = {"check", "predict", "evaluate", "train", "calibrate", "backfill"}
+# imported (quietly) up front; ``run``, ``predict`` and ``backfill`` load it only if the version
+# must be served or converted by TensorFlow (a GPU host, runtime: tensorflow for ``run``, a
+# version without a usable model.onnx)
+_NEEDS_TENSORFLOW = {"check", "evaluate", "train", "calibrate"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,16 +140,22 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from watcher.inference import Predictor
+    from watcher.inference import serving_predictor
     from watcher.service import Item, load_item
 
-    predictor = Predictor(_store_from(args), args.model_version)
+    # the daemon's runtime: on a host without GPU, the version's model.onnx (no TensorFlow)
+    predictor = serving_predictor(_store_from(args), args.model_version, with_maps=args.heatmaps is not None)
     limits = DecodeConfig()  # the daemon's default decode limits
     explainer = None
-    if args.heatmaps is not None:
-        from watcher.explain import GradCam
+    if args.heatmaps is not None and predictor.onnx is not None:
+        explainer = predictor.onnx  # maps from the same ONNX Runtime pass, as in the daemon
+    elif args.heatmaps is not None:
+        from watcher.explain import ExplainError, GradCam
 
-        explainer = GradCam(predictor.model)
+        try:
+            explainer = GradCam(predictor.model)
+        except ExplainError as exc:
+            raise WatcherError(f"--heatmaps: Grad-CAM cannot explain {predictor.version}: {exc}") from exc
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(
         ["file", "sha256", "status", "label", "probability", "threshold", "model_version", "error"]

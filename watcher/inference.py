@@ -186,3 +186,46 @@ class Predictor:
         """Calibrated probabilities and labels from the network's own outputs (e.g. Grad-CAM's pass)."""
         probs = calibrate(np.asarray(raw).reshape(-1), self.temperature, self.logit_shift)
         return [Prediction(float(p), self.label_for(float(p))) for p in probs]
+
+
+def serving_predictor(
+    store: Path, version: str | None = None, with_maps: bool = False, threads: int = 0, setting: str = "auto"
+) -> Predictor:
+    """A ``Predictor`` that answers as the daemon's does on this host, its model loaded.
+
+    ``setting`` is the ``runtime`` config key: with "auto" (``predict``, ``backfill``) a host
+    without GPU serves through ONNX Runtime, from the version's ``model.onnx`` where it is
+    usable (TensorFlow is then never imported) or else from ``model.keras`` converted at load;
+    a GPU host, or a model ONNX Runtime cannot serve, gets TensorFlow. ``with_maps``: Grad-CAM
+    maps from the same ONNX Runtime pass (``predictor.onnx.predict_and_explain``) where the
+    model allows it; where not, TensorFlow serves and ``explain.GradCam`` explains.
+    ``threads``: for one model call, 0 = every usable core. Raises ``ModelStoreError`` for a
+    model that cannot be loaded.
+    """
+    import structlog
+
+    from watcher import runtime
+    from watcher.onnxrt import OnnxUnavailable
+
+    def tensorflow() -> None:
+        runtime.configure_tensorflow(threads)
+
+    predictor = Predictor(store, version, load_model=False)
+    if runtime.wants_onnx(setting, runtime.detect_device(threads).get("device")):
+        try:
+            predictor.use_onnx(with_maps, threads, before_conversion=tensorflow)
+        except OnnxUnavailable as exc:
+            structlog.get_logger().info(
+                "onnxruntime_unavailable",
+                model_version=predictor.version,
+                reason=str(exc),
+                serving="tensorflow",
+            )
+        if predictor.onnx_graph_problem:
+            structlog.get_logger().info(
+                "onnx_graph_unused", model_version=predictor.version, reason=predictor.onnx_graph_problem
+            )
+    if predictor.onnx is None:
+        tensorflow()
+        _ = predictor.model  # a model that cannot be loaded fails here, not at the first file
+    return predictor

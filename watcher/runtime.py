@@ -134,6 +134,7 @@ def configure_tensorflow(threads: int = 0) -> dict[str, Any]:
     global _configured
     if _configured is not None:
         return _configured
+    import_tensorflow()  # its C++ start-up lines (CUDA probes) kept off stderr
     import tensorflow as tf
 
     n = threads or usable_cores()
