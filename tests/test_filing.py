@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 
 import pytest
 
+from tests.conftest import fixture_images
+from tests.harness import read_csv_both, run_once
+from watcher.config import Config
 from watcher.filing import destination_root, folder_size, place, plan_destination
 
 
@@ -106,6 +111,41 @@ class TestDestinationRoot:
             "processed/2026-03-01/NORMAL/ward/a.png",
             "processed/2026-03-01/NORMAL/ward/a.abcdef12.png",
         ] == placed
+
+
+class TestDateLayoutInTheDaemon:
+    def test_files_and_heat_maps_go_under_the_day(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """run --once with ``filing.layout: date/label`` and heat maps: each file under
+        processed/<day>/<LABEL>/ (a failed one under failed/<day>/), its heat map under
+        heatmaps/<day>/<LABEL>/, as its row says; the day is processed_at's (UTC)."""
+        root = tmp_path / "svc"
+        root.mkdir()
+        shutil.copytree(Path(__file__).parents[1] / "model_store", root / "model_store")  # explainable
+        cfg = make_config(filing={"layout": "date/label"}, explain={"enabled": True})
+        files = fixture_images()[::4]
+        for p in files:
+            shutil.copy(p, cfg.inbox / p.name)
+        (cfg.inbox / "ward").mkdir()
+        (cfg.inbox / "ward" / "broken.jpeg").write_bytes(files[0].read_bytes()[:300])
+        proc = run_once(cfg, timeout=180)
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        rows = read_csv_both(cfg.results)
+        assert len(files) + 1 == len(rows)
+        site = cfg.source.parent  # type: ignore[union-attr]
+        for row in rows:
+            day = datetime.fromisoformat(row["processed_at"].replace("Z", "+00:00")).strftime("%Y-%m-%d")
+            dest = Path(row["destination"])
+            if row["status"] == "failed":
+                assert cfg.failed / day / "ward" / "broken.jpeg" == dest
+                assert "" == row["heatmap"]
+            else:
+                assert cfg.processed / day / row["label"] / row["file"] == dest
+                assert f"heatmaps/{day}/{row['label']}/{row['file']}.png" == row["heatmap"]
+                assert (site / row["heatmap"]).is_file()
+            assert dest.is_file()
+        assert [] == list(cfg.inbox.rglob("*.jpeg"))
 
 
 class TestFolderSize:

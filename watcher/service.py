@@ -999,13 +999,16 @@ class Service:
         return predictor.predictions(predictor.raw_probabilities(batch)), [None] * len(inputs)
 
     def _write_heatmap(self, item: Item, pred: Prediction, cam: Any, threshold: float) -> str:
-        """Write the file's overlay under explain.folder; returns its path for the row ('' if none)."""
+        """Write the file's overlay under explain.folder, laid out as processed/ (``filing.layout``:
+        ``<LABEL>/`` or ``YYYY-MM-DD/<LABEL>/``, the day it is written); returns its path for the
+        row ('' if none)."""
         if cam is None or item.thumb is None:
             return ""
         from watcher.explain import overlay_png, write_overlay
 
         try:
-            root = self.cfg.explain.folder / pred.label
+            now = datetime.now(timezone.utc)
+            root = destination_root(self.cfg.explain.folder, pred.label, self.cfg.filing.layout, now)
             rel = PurePosixPath(str(item.rel) + ".png")
             path = plan_destination(root, rel, item.sha256 or "0" * 8)
             png = overlay_png(item.thumb, cam, pred.label, pred.probability, threshold)
