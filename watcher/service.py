@@ -54,6 +54,7 @@ from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, ReportError, WatcherError
 from watcher.filing import destination_root, link_into, plan_destination
 from watcher.fsutil import fsync_dir, try_lock
+from watcher.heatmaps import HeatmapWriter
 from watcher.imaging import GreyImage, ModelInput, PreprocessSpec, decode, halve, input_floor, preprocess
 from watcher.inference import Prediction, Predictor
 from watcher.ingest import Ingest
@@ -375,7 +376,12 @@ class Service:
         self._explainer: Any = None  # GradCam or OnnxModel of the serving model when explain.enabled
         self._device: dict[str, Any] = {}  # runtime.configure_tensorflow()'s answer
         self._drift: drift.DriftMonitor | None = None
-        self._heatmap_pool = ThreadPoolExecutor(max(1, cfg.decode.workers), thread_name_prefix="heatmap")
+        self._heatmaps = HeatmapWriter(
+            cfg.explain.folder,
+            cfg.filing.layout,
+            cfg.source.parent if cfg.source is not None else Path.cwd(),  # rows name them from here
+            cfg.decode.workers,
+        )
         self._drift_message = ""
         self._population: dict[str, Any] = {}
         page = cfg.review_page
@@ -494,7 +500,7 @@ class Service:
             self.results.close()
             self.metrics.stop()
             self._status.remove()
-            self._heatmap_pool.shutdown(wait=True)
+            self._heatmaps.close()
             self._lock.release()
         log.info(
             "stopped",
@@ -998,27 +1004,6 @@ class Service:
                 log.error("heatmap_failed", error=f"{type(exc).__name__}: {exc}", n_files=len(good))
         return predictor.predictions(predictor.raw_probabilities(batch)), [None] * len(inputs)
 
-    def _write_heatmap(self, item: Item, pred: Prediction, cam: Any, threshold: float) -> str:
-        """Write the file's overlay under explain.folder, laid out as processed/ (``filing.layout``:
-        ``<LABEL>/`` or ``YYYY-MM-DD/<LABEL>/``, the day it is written); returns its path for the
-        row ('' if none)."""
-        if cam is None or item.thumb is None:
-            return ""
-        from watcher.explain import overlay_png, write_overlay
-
-        try:
-            now = datetime.now(timezone.utc)
-            root = destination_root(self.cfg.explain.folder, pred.label, self.cfg.filing.layout, now)
-            rel = PurePosixPath(str(item.rel) + ".png")
-            path = plan_destination(root, rel, item.sha256 or "0" * 8)
-            png = overlay_png(item.thumb, cam, pred.label, pred.probability, threshold)
-            write_overlay(path, png, durable=False)
-        except Exception as exc:  # never block or fail the row
-            log.error("heatmap_write_failed", file=str(item.rel), error=f"{type(exc).__name__}: {exc}")
-            return ""
-        base = self.cfg.source.parent if self.cfg.source is not None else Path.cwd()
-        return os.path.relpath(path, base)
-
     def _infer(self, items: list[Item], held: Scored | None = None) -> Scored:
         """Stage 2: predictions (and Grad-CAM maps) for a decoded batch, with what goes with them.
 
@@ -1075,12 +1060,8 @@ class Service:
         t0 = batch.started
         infer_ms = batch.infer_s * 1000
         fresh = [i for i in items if not i.known_destination]
-        heatmaps: dict[int, str] = {}
         jobs = [(i, scored[id(i)], batch.cams[id(i)]) for i in fresh if id(i) in batch.cams]
-        if jobs:  # overlays drawn and written in parallel (cv2 releases the GIL)
-            thr = predictor.threshold
-            paths = self._heatmap_pool.map(lambda j: self._write_heatmap(j[0], j[1], j[2], thr), jobs)
-            heatmaps = {id(j[0]): path for j, path in zip(jobs, paths, strict=True)}
+        heatmaps = self._heatmaps.write(jobs, predictor.threshold) if jobs else {}
         rows: list[ResultRow] = []
         moves: list[tuple[Item, Path]] = []
         n_warnings = 0
