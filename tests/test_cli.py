@@ -51,16 +51,18 @@ class TestCheck:
             f"model_store: {store}\nlog: {{format: json}}\nexplain: {{enabled: true}}\n"
         )
 
-        def check_event() -> dict[str, str]:
-            proc = cli("check", "--config", str(config))
-            assert 0 == proc.returncode, proc.stderr[-2000:]
-            (event,) = [json.loads(line) for line in proc.stdout.splitlines() if '"check_ok"' in line]
-            return event
+        def check_event() -> tuple[str, bool]:
+            [(rc, out, err)], tensorflow_loaded = cli_in_one_process(["check", "--config", str(config)])
+            assert 0 == rc, err[-2000:]
+            (event,) = [json.loads(line) for line in out.splitlines() if '"check_ok"' in line]
+            return event["onnx_graph"], tensorflow_loaded
 
-        assert check_event()["onnx_graph"].startswith("usable")
+        graph, tensorflow_loaded = check_event()
+        assert graph.startswith("usable") and not tensorflow_loaded  # loaded as run loads it
         version = (store / "CURRENT").read_text().strip()
         (store / version / "model.onnx").unlink()
-        assert f"not used ({version} has no model.onnx)" in check_event()["onnx_graph"]
+        graph, tensorflow_loaded = check_event()
+        assert f"not used ({version} has no model.onnx): run converts" in graph and tensorflow_loaded
 
 
 class TestPredict:
@@ -281,19 +283,13 @@ class TestUsageErrors:
 
 class TestEvaluate:
     def test_json_metrics_on_a_labelled_folder(self, store: Path, tmp_path: Path) -> None:
-        """evaluate --json prints the metrics and --report writes metrics.json and plots."""
-        proc = cli(
-            "evaluate",
-            "--store",
-            str(store),
-            "--data",
-            str(TRAIN_FIXTURES),
-            "--json",
-            "--report",
-            str(tmp_path / "rep"),
-        )
-        assert 0 == proc.returncode, proc.stderr
-        metrics = json.loads(proc.stdout)
+        """evaluate --json prints the metrics and --report writes metrics.json and plots; the
+        model answers as the daemon's does (its model.onnx here: TensorFlow never loaded)."""
+        argv = ["evaluate", "--store", str(store), "--data", str(TRAIN_FIXTURES), "--json"]
+        [(rc, out, err)], tensorflow_loaded = cli_in_one_process([*argv, "--report", str(tmp_path / "rep")])
+        assert 0 == rc, err[-2000:]
+        assert not tensorflow_loaded
+        metrics = json.loads(out)
         n = len(fixture_images())
         flat = json.dumps(metrics)
         for key in ("accuracy", "sensitivity", "specificity", "roc_auc"):

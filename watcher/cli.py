@@ -27,10 +27,10 @@ from watcher.splits import class_folder_problem
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = "config.yaml"
-# imported (quietly) up front; ``run``, ``predict`` and ``backfill`` load it only if the version
-# must be served or converted by TensorFlow (a GPU host, runtime: tensorflow for ``run``, a
-# version without a usable model.onnx)
-_NEEDS_TENSORFLOW = {"check", "evaluate", "train", "calibrate"}
+# imported (quietly) up front; ``run``, ``check``, ``predict``, ``evaluate`` and ``backfill`` load
+# it only if the version must be served or converted by TensorFlow (a GPU host, runtime:
+# tensorflow for ``run`` and ``check``, a version without a usable model.onnx)
+_NEEDS_TENSORFLOW = {"train", "calibrate"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -228,9 +228,9 @@ def _score_one(predictor: Any, explainer: Any, item: Any, limits: DecodeConfig, 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from watcher.evaluation import evaluate_folder, format_report
-    from watcher.inference import Predictor
+    from watcher.inference import serving_predictor
 
-    predictor = Predictor(_store_from(args), args.model_version)
+    predictor = serving_predictor(_store_from(args), args.model_version)  # the daemon's answers
     metrics = evaluate_folder(predictor, args.data, report_dir=args.report)
     if args.json:
         print(json.dumps(metrics, indent=2, default=float))
@@ -337,18 +337,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_check(cfg: Config) -> int:
-    from watcher.inference import Predictor
-    from watcher.onnxrt import OnnxModel, OnnxUnavailable
+    from watcher.inference import serving_predictor
 
-    predictor = Predictor(cfg.model_store)
-    spec = predictor.spec
-    try:  # what `run` will do with the version's stored graph on a host without GPU
-        OnnxModel.from_artifact(
-            cfg.model_store / predictor.version, spec.height, spec.width, cfg.explain.enabled, threads=1
-        )
-        graph = "usable: run serves it without loading TensorFlow (on a host without GPU)"
-    except OnnxUnavailable as exc:
-        graph = f"not used ({exc}): run converts model.keras with TensorFlow at start"
+    # the model loaded as `run` loads it on this host (the stored graph, converted, or TensorFlow)
+    predictor = serving_predictor(cfg.model_store, with_maps=cfg.explain.enabled, setting=cfg.runtime)
+    if predictor.onnx_graph == "model.onnx":
+        graph = "usable: run serves it without loading TensorFlow"
+    elif predictor.onnx_graph_problem:
+        how = "converts model.keras with TensorFlow at start" if predictor.onnx else "serves with TensorFlow"
+        graph = f"not used ({predictor.onnx_graph_problem}): run {how}"
+    else:
+        graph = f"not used: run serves with TensorFlow (runtime: {cfg.runtime}, a GPU host)"
     log.info(
         "check_ok",
         config=str(cfg.source),
