@@ -347,7 +347,8 @@ def cmd_check(cfg: Config) -> int:
         how = "converts model.keras with TensorFlow at start" if predictor.onnx else "serves with TensorFlow"
         graph = f"not used ({predictor.onnx_graph_problem}): run {how}"
     else:
-        graph = f"not used: run serves with TensorFlow (runtime: {cfg.runtime}, a GPU host)"
+        why = "runtime: tensorflow" if cfg.runtime == "tensorflow" else "a GPU host"
+        graph = f"not used: run serves with TensorFlow ({why})"
     log.info(
         "check_ok",
         config=str(cfg.source),
