@@ -215,3 +215,34 @@ class TestCalibrateSite:
         args = argparse.Namespace(data=small, store=store, base="v0002", min_sensitivity=0.97, promote=False)
         assert 1 == site.cli_main(args)
         assert before == model_store.list_versions(store)
+
+    def test_a_version_with_a_graph_is_calibrated_without_tensorflow(
+        self, sample: Path, tmp_path: Path
+    ) -> None:
+        """calibrate on a base with a usable model.onnx (the shipped v0004), in a fresh process:
+        its outputs come from that graph, the new version keeps the base's graph and record
+        (same weights) and serves from them, and TensorFlow is never imported."""
+        import subprocess
+        import sys
+
+        store = tmp_path / "model_store"
+        store.mkdir()
+        shutil.copytree(REPO_STORE / "v0004", store / "v0004", ignore=shutil.ignore_patterns("*.png"))
+        (store / "CURRENT").write_text("v0004\n")
+        code = (
+            "import sys; from watcher.cli import main; "
+            "rc = main(['calibrate', '--data', sys.argv[1], '--store', sys.argv[2]]); "
+            "print(rc, 'tensorflow' in sys.modules)"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(sample), str(store)], capture_output=True, text=True, timeout=300
+        )
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        assert "0 False" == proc.stdout.split("\n")[-2]
+        assert "onnx_graph_kept" in proc.stderr
+        (new,) = [v for v in model_store.list_versions(store) if v != "v0004"]
+        for name in ("model.keras", "model.onnx", "model.onnx.json"):
+            assert (store / "v0004" / name).read_bytes() == (store / new / name).read_bytes()
+        pred = Predictor(store, new, load_model=False)
+        pred.use_onnx(with_maps=True, threads=1)
+        assert "model.onnx" == pred.onnx_graph

@@ -27,10 +27,10 @@ from watcher.splits import class_folder_problem
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = "config.yaml"
-# imported (quietly) up front; ``run``, ``check``, ``predict``, ``evaluate`` and ``backfill`` load
-# it only if the version must be served or converted by TensorFlow (a GPU host, runtime:
-# tensorflow for ``run`` and ``check``, a version without a usable model.onnx)
-_NEEDS_TENSORFLOW = {"train", "calibrate"}
+# imported (quietly) up front; the other commands load it only if the version must be served or
+# converted by TensorFlow (a GPU host, runtime: tensorflow for ``run`` and ``check``, a version
+# without a usable model.onnx)
+_NEEDS_TENSORFLOW = {"train"}
 
 
 def _parser() -> argparse.ArgumentParser:

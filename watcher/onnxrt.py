@@ -35,7 +35,7 @@ import structlog
 from watcher.explain import CamArray, ExplainError, find_last_conv_block, forward_cam, linear_head_weights
 from watcher.fsutil import atomic_write_bytes
 from watcher.model_store import MODEL_FILE
-from watcher.runtime import usable_cores
+from watcher.runtime import import_tensorflow, usable_cores
 
 log = structlog.get_logger()
 
@@ -84,7 +84,12 @@ def export_artifact(folder: Path) -> bool:
     head's weights and TensorFlow's answers and Grad-CAM maps on the probe batch, which every
     later load must reproduce. The pair is loaded back and checked before this returns.
     Raises ``OnnxUnavailable`` when the model cannot be converted (nothing is left behind).
+    A copied pair is checked without TensorFlow (as the daemon loads it); TensorFlow is
+    imported only to make a graph.
     """
+    if _kept(folder):
+        return False
+    import_tensorflow()  # its C++ start-up lines kept off stderr
     import keras
 
     from watcher.explain import GradCam
@@ -136,6 +141,18 @@ def export_artifact(folder: Path) -> bool:
         for name in (ONNX_FILE, ONNX_INFO):
             (folder / name).unlink(missing_ok=True)
         raise
+    return True
+
+
+def _kept(folder: Path) -> bool:
+    """Whether ``folder`` already holds a graph and record that match its model.keras and
+    answer as recorded (e.g. copied with the same weights from another version)."""
+    try:
+        info = json.loads((folder / ONNX_INFO).read_text())
+        height, width = int(info["height"]), int(info["width"])
+        OnnxModel.from_artifact(folder, height, width, with_maps=False, threads=1)
+    except (OSError, ValueError, KeyError, TypeError, OnnxUnavailable):
+        return False
     return True
 
 

@@ -180,13 +180,14 @@ def calibrate_site(
     seed: int = 0,
 ) -> str:
     """Publish a copy of ``base`` recalibrated on the sample in ``data``; returns the new version."""
-    from watcher.inference import Predictor
+    from watcher.inference import serving_predictor
 
     data, store = Path(data), Path(store)
     if not 0.0 < min_sensitivity < 1.0:
         raise EvaluationError(f"--min-sensitivity must be in (0, 1), got {min_sensitivity}")
     base_version = base or model_store.current_version(store)
-    predictor = Predictor(store, base_version)
+    # the base's raw outputs as the daemon serves them (its model.onnx: no TensorFlow here)
+    predictor = serving_predictor(store, base_version)
     sample = _load(data, predictor)
     y = sample["y"]
     counts = {cls: int(np.sum(y == i)) for i, cls in enumerate(CLASS_NAMES)}
