@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from watcher import model_store
 from watcher.errors import ModelStoreError
 from watcher.imaging import ModelInput, PreprocessSpec
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = structlog.get_logger()
 
 POSITIVE = "PNEUMONIA"
 NEGATIVE = "NORMAL"
@@ -158,6 +161,54 @@ class Predictor:
         self.onnx = OnnxModel(self.model, h, w, with_maps, threads)
         self.onnx_graph = "converted at load"
 
+    def prepare(
+        self,
+        setting: str,
+        device: str | None,
+        with_maps: bool,
+        threads: int,
+        configure_tensorflow: Callable[[], Any],
+    ) -> None:
+        """Make this version ready to serve as the daemon serves it.
+
+        ``setting`` (the ``runtime`` config key) and ``device`` ("CPU"/"GPU") decide whether
+        ONNX Runtime is wanted (``runtime.wants_onnx``): then the version's ``model.onnx``
+        where it is usable (TensorFlow never imported), else ``model.keras`` converted at load.
+        Otherwise, or where ONNX Runtime cannot serve, TensorFlow, with
+        ``configure_tensorflow`` called before it loads the model. Why the stored graph was
+        not used is logged (``onnx_graph_unused``, a warning where a graph was there but did
+        not match). ``with_maps``: Grad-CAM maps from the same ONNX Runtime pass where the
+        model allows it. Raises ``ModelStoreError`` for a model that cannot be loaded.
+        """
+        from watcher import runtime
+        from watcher.onnxrt import ONNX_FILE, OnnxUnavailable
+
+        if runtime.wants_onnx(setting, device):
+            try:
+                self.use_onnx(with_maps, threads, before_conversion=configure_tensorflow)
+            except OnnxUnavailable as exc:
+                (log.warning if setting == "onnxruntime" else log.info)(
+                    "onnxruntime_unavailable",
+                    model_version=self.version,
+                    reason=str(exc),
+                    serving="tensorflow",
+                )
+            if self.onnx_graph_problem:  # model.keras loaded instead, and TensorFlow with it
+                stored = (self.store / self.version / ONNX_FILE).exists()
+                (log.warning if stored else log.info)(
+                    "onnx_graph_unused",
+                    model_version=self.version,
+                    reason=self.onnx_graph_problem,
+                    consequence=(
+                        "model.keras converted at load (slower start, TensorFlow in memory)"
+                        if self.onnx is not None
+                        else "TensorFlow serves"
+                    ),
+                )
+        if self.onnx is None:  # TensorFlow serves
+            configure_tensorflow()
+            _ = self.model  # a model that cannot be loaded fails here, not at the first file
+
     @property
     def runtime(self) -> str:
         """What answers ``raw_probabilities``: "onnxruntime" or "tensorflow"."""
@@ -191,41 +242,13 @@ class Predictor:
 def serving_predictor(
     store: Path, version: str | None = None, with_maps: bool = False, threads: int = 0, setting: str = "auto"
 ) -> Predictor:
-    """A ``Predictor`` that answers as the daemon's does on this host, its model loaded.
-
-    ``setting`` is the ``runtime`` config key: with "auto" (``predict``, ``backfill``) a host
-    without GPU serves through ONNX Runtime, from the version's ``model.onnx`` where it is
-    usable (TensorFlow is then never imported) or else from ``model.keras`` converted at load;
-    a GPU host, or a model ONNX Runtime cannot serve, gets TensorFlow. ``with_maps``: Grad-CAM
-    maps from the same ONNX Runtime pass (``predictor.onnx.predict_and_explain``) where the
-    model allows it; where not, TensorFlow serves and ``explain.GradCam`` explains.
-    ``threads``: for one model call, 0 = every usable core. Raises ``ModelStoreError`` for a
-    model that cannot be loaded.
-    """
-    import structlog
-
+    """A ``Predictor`` that answers as the daemon's does on this host, its model loaded
+    (``Predictor.prepare``; ``setting`` is the ``runtime`` config key, "auto" for ``predict``,
+    ``evaluate``, ``calibrate`` and ``backfill``). Raises ``ModelStoreError`` for a model that
+    cannot be loaded."""
     from watcher import runtime
-    from watcher.onnxrt import OnnxUnavailable
-
-    def tensorflow() -> None:
-        runtime.configure_tensorflow(threads)
 
     predictor = Predictor(store, version, load_model=False)
-    if runtime.wants_onnx(setting, runtime.detect_device(threads).get("device")):
-        try:
-            predictor.use_onnx(with_maps, threads, before_conversion=tensorflow)
-        except OnnxUnavailable as exc:
-            structlog.get_logger().info(
-                "onnxruntime_unavailable",
-                model_version=predictor.version,
-                reason=str(exc),
-                serving="tensorflow",
-            )
-        if predictor.onnx_graph_problem:
-            structlog.get_logger().info(
-                "onnx_graph_unused", model_version=predictor.version, reason=predictor.onnx_graph_problem
-            )
-    if predictor.onnx is None:
-        tensorflow()
-        _ = predictor.model  # a model that cannot be loaded fails here, not at the first file
+    device = runtime.detect_device(threads).get("device")
+    predictor.prepare(setting, device, with_maps, threads, lambda: runtime.configure_tensorflow(threads))
     return predictor

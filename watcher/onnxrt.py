@@ -92,8 +92,6 @@ def export_artifact(folder: Path) -> bool:
     import_tensorflow()  # its C++ start-up lines kept off stderr
     import keras
 
-    from watcher.explain import GradCam
-
     try:
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file
@@ -103,20 +101,11 @@ def export_artifact(folder: Path) -> bool:
         raise OnnxUnavailable(f"expected a model taking (n, h, w, 1) input, got {shape}")
     height, width = int(shape[1]), int(shape[2])
     try:
-        OnnxModel.from_artifact(folder, height, width, with_maps=False, threads=1)
-        return False
-    except OnnxUnavailable:
-        pass
-    try:
-        block: Any = find_last_conv_block(model)
-        head: Any = linear_head_weights(model, block.name)
+        block, head = _explained_block(model)
     except ExplainError:
         block = head = None
-    outputs = [model.output] if block is None else [model.output, block.output]
-    graph = to_onnx(keras.Model(model.inputs[0], outputs, name=f"{model.name}_onnx"), height, width)
-    probe = _probe(height, width)
-    prob = np.asarray(model(probe, training=False), dtype=np.float32).reshape(-1)
-    maps = None if block is None else GradCam(model, block.name).predict_and_explain(probe, upsample=False)[1]
+    graph = _graph(model, block, height, width)
+    prob, maps = _tensorflow_answers(model, block, _probe(height, width))
     info = {
         "format": ARTIFACT_FORMAT,
         "source_sha256": _sha256(folder / MODEL_FILE),
@@ -171,6 +160,34 @@ def export_or_explain(folder: Path) -> None:
     log.info("onnx_exported" if made else "onnx_graph_kept", file=ONNX_FILE)
 
 
+def _explained_block(model: Any) -> tuple[Any, npt.NDArray[np.float32]]:
+    """The block heat maps explain and the head's weights, where the maps need no gradients
+    (``linear_head_weights``); raises ``ExplainError`` otherwise."""
+    block = find_last_conv_block(model)
+    return block, linear_head_weights(model, block.name)
+
+
+def _graph(model: Any, block: Any, height: int, width: int) -> bytes:
+    """The ONNX graph of ``model``: the sigmoid, and ``block``'s output where one is given."""
+    import keras
+
+    outputs = [model.output] if block is None else [model.output, block.output]
+    net = keras.Model(model.inputs[0], outputs, name=f"{model.name}_onnx")  # one input, not a list
+    return to_onnx(net, height, width)
+
+
+def _tensorflow_answers(
+    model: Any, block: Any, probe: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], CamArray | None]:
+    """TensorFlow's sigmoid outputs on ``probe``, and Grad-CAM's maps of ``block`` (or None)."""
+    prob = np.asarray(model(probe, training=False), dtype=np.float32).reshape(-1)
+    if block is None:
+        return prob, None
+    from watcher.explain import GradCam
+
+    return prob, GradCam(model, block.name).predict_and_explain(probe, upsample=False)[1]
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -202,29 +219,18 @@ class OnnxModel:
     """
 
     def __init__(self, model: Any, height: int, width: int, with_maps: bool, threads: int = 0) -> None:
-        import keras
-
         self.head_weights: npt.NDArray[np.float32] | None = None
         self.grid: tuple[int, int] | None = None
-        outputs = [model.output]
-        block = None
+        block = head_weights = None
         if with_maps:
             try:
-                block = find_last_conv_block(model)
-                head_weights = linear_head_weights(model, block.name)
+                block, head_weights = _explained_block(model)
             except ExplainError as exc:
                 raise OnnxUnavailable(f"no heat maps without gradients for this model: {exc}") from exc
-            outputs.append(block.output)
-        net = keras.Model(model.inputs[0], outputs, name=f"{model.name}_onnx")  # one input, not a list
-        self._open(to_onnx(net, height, width), threads)
+        self._open(_graph(model, block, height, width), threads)
         probe = _probe(height, width)
-        theirs = np.asarray(model(probe, training=False), dtype=np.float32).reshape(-1)
-        ref_maps = None
-        if block is not None:
-            from watcher.explain import GradCam
-
-            self.head_weights = head_weights
-            _, ref_maps = GradCam(model, block.name).predict_and_explain(probe, upsample=False)
+        theirs, ref_maps = _tensorflow_answers(model, block, probe)
+        self.head_weights = head_weights
         self._check(probe, theirs, ref_maps, "TensorFlow's")
 
     @classmethod

@@ -940,54 +940,24 @@ class Service:
         return runtime.wants_onnx(self.cfg.runtime, self._device.get("device"))
 
     def _prepare(self, predictor: Predictor) -> None:
-        """Make ``predictor`` ready to serve: ONNX Runtime where wanted and possible (from the
-        version's ``model.onnx`` where it has a usable one: no TensorFlow), else TensorFlow.
-        Raises ``ModelStoreError`` for a model that cannot be loaded, before it is served."""
-        self._use_onnx(predictor)
-        if predictor.onnx is None:  # TensorFlow serves
-            self._configure_tensorflow()
-            _ = predictor.model
+        """Make ``predictor`` ready to serve (``Predictor.prepare``: ONNX Runtime where wanted and
+        possible, from the version's ``model.onnx`` without TensorFlow where it has a usable one,
+        else TensorFlow). Raises ``ModelStoreError`` for a model that cannot be loaded, before
+        it is served."""
+        # the cores the decoding threads leave: on 2 cores, one thread for the model (which
+        # measured 229 images/s with heat maps and 284 without, against 205 and 274 with two)
+        threads = max(1, runtime.usable_cores() - self.cfg.decode.workers)
+        predictor.prepare(
+            self.cfg.runtime,
+            self._device.get("device"),
+            self.cfg.explain.enabled,
+            threads,
+            self._configure_tensorflow,
+        )
 
     def _configure_tensorflow(self) -> None:
         """TensorFlow's pools set (and it imported) before it loads a model; idempotent."""
         self._device.update(runtime.configure_tensorflow())
-
-    def _use_onnx(self, predictor: Predictor) -> None:
-        """Serve ``predictor`` through ONNX Runtime where ``runtime`` asks for it and it can."""
-        wanted = self.cfg.runtime
-        if not self._wants_onnx():
-            return
-        from watcher.onnxrt import ONNX_FILE, OnnxUnavailable
-
-        # the cores the decoding threads leave: on 2 cores, one thread for the model (which
-        # measured 229 images/s with heat maps and 284 without, against 205 and 274 with two)
-        threads = max(1, runtime.usable_cores() - self.cfg.decode.workers)
-        try:
-            predictor.use_onnx(
-                with_maps=self.cfg.explain.enabled,
-                threads=threads,
-                before_conversion=self._configure_tensorflow,
-            )
-        except OnnxUnavailable as exc:
-            level = log.warning if wanted == "onnxruntime" else log.info
-            level(
-                "onnxruntime_unavailable",
-                model_version=predictor.version,
-                reason=str(exc),
-                serving="tensorflow",
-            )
-        if predictor.onnx_graph_problem:  # model.keras loaded instead, and TensorFlow with it
-            stored = (self.cfg.model_store / predictor.version / ONNX_FILE).exists()
-            (log.warning if stored else log.info)(
-                "onnx_graph_unused",
-                model_version=predictor.version,
-                reason=predictor.onnx_graph_problem,
-                consequence=(
-                    "model.keras converted at load (slower start, TensorFlow in memory)"
-                    if predictor.onnx is not None
-                    else "TensorFlow serves"
-                ),
-            )
 
     def _score(self, predictor: Predictor, good: list[Item]) -> tuple[list[Prediction], list[Any]]:
         """Predictions for decoded items, with their Grad-CAM maps when heat maps are on."""
