@@ -63,6 +63,26 @@ class TestWriter:
         assert ["heatmaps/PNEUMONIA/a.jpeg.22222222.png"] == list(second.values())
         assert before == (tmp_path / "heatmaps/PNEUMONIA/a.jpeg.png").read_bytes()
 
+    def test_two_files_of_one_name_in_a_batch_get_two_heat_maps(self, tmp_path: Path) -> None:
+        """Same name, same label, one batch (the daemon claims such pairs): drawn by two threads
+        at once, each row still names its own picture, and neither replaces the other."""
+        w = HeatmapWriter(tmp_path / "heatmaps", "label", tmp_path, workers=2)
+        try:
+            for round_ in range(10):  # the threads race for the free name: again and again
+                a, b = _item(f"r{round_}/scan.jpeg", "11" * 32), _item(f"r{round_}/scan.jpeg", "22" * 32)
+                got = w.write([(a, PNEUMONIA, CAM), (b, PNEUMONIA, np.flipud(CAM).copy())], 0.5)
+                plain = f"heatmaps/PNEUMONIA/r{round_}/scan.jpeg.png"
+                assert {got[id(a)], got[id(b)]} in (
+                    {plain, plain.replace(".png", ".22222222.png")},
+                    {plain, plain.replace(".png", ".11111111.png")},
+                ), got
+                assert got[id(a)] in (plain, plain.replace(".png", ".11111111.png"))  # its own hash
+                pictures = [cv2.imread(str(tmp_path / got[id(x)]), cv2.IMREAD_COLOR) for x in (a, b)]
+                assert not np.array_equal(pictures[0], pictures[1])  # each its own map
+                assert 2 == len(list((tmp_path / "heatmaps/PNEUMONIA" / f"r{round_}").iterdir()))
+        finally:
+            w.close()
+
     def test_date_layout(self, tmp_path: Path) -> None:
         w = HeatmapWriter(tmp_path / "hm", "date/label", tmp_path, workers=1)
         try:

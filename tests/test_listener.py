@@ -49,7 +49,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import fixture_images
 from tests.harness import Daemon, log_output_held, read_csv_both, returns_within, small_tmpfs, wait_for
-from watcher import listener
+from watcher import fsutil, listener
 from watcher.config import Config, load_config
 from watcher.errors import WatcherError
 from watcher.fsutil import rename_no_replace
@@ -261,9 +261,9 @@ class TestWriteInstance:
         def no_link(src: object, dst: object) -> None:
             raise PermissionError(1, "Operation not permitted")
 
-        monkeypatch.setattr(listener, "rename_no_replace", lambda src, dst: False)
+        monkeypatch.setattr(fsutil, "rename_no_replace", lambda src, dst: False)
         if not links:
-            monkeypatch.setattr(listener.os, "link", no_link)
+            monkeypatch.setattr(fsutil.os, "link", no_link)
         uid = generate_uid()
         assert (tmp_path / f"{uid}.dcm", False) == listener.write_instance(tmp_path, uid, b"a")
         assert (tmp_path / f"{uid}.dcm", True) == listener.write_instance(tmp_path, uid, b"a")

@@ -357,16 +357,17 @@ def stored_png(rgb: npt.NDArray[np.uint8]) -> bytes:
     return b"".join([*pieces, *_png_chunk(b"IEND", [])])
 
 
-def write_overlay(path: Path, png: bytes, durable: bool = True) -> None:
+def write_overlay(path: Path, png: bytes, durable: bool = True, exclusive: bool = False) -> None:
     """Write PNG bytes so readers see the old file or the new one, never half of one.
 
     Readable by all (the review page is opened from a share); the parent folders are made.
     ``durable=False`` skips the fsyncs: the daemon writes a heat map per file and treats them
     as derived pictures (results.csv is the record), so a power cut may lose the newest ones,
-    but never leaves a half-written one.
+    but never leaves a half-written one. ``exclusive=True``: FileExistsError rather than
+    replace a file of that name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, png, mode=0o644, durable=durable)
+    atomic_write_bytes(path, png, mode=0o644, durable=durable, exclusive=exclusive)
 
 
 def border_mass_fraction(cam: npt.NDArray[np.floating[Any]], border: float = 0.10) -> float:

@@ -10,6 +10,7 @@ import functools
 import itertools
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,39 @@ _TMP_TOKEN = secrets.token_hex(4)  # per process: temp names of two writers on a
 _TMP_SEQ = itertools.count()  # next() on it is atomic in CPython: threads get distinct numbers
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
+_NO_LINK_LOCK = threading.Lock()  # this process's check-then-rename fallbacks, one at a time
+
+
+def move_no_replace(src: Path, dst: Path) -> None:
+    """Give ``src`` the name ``dst`` (``src`` gone); FileExistsError if ``dst`` exists, never
+    replaced (``src`` then kept).
+
+    A rename where the filesystem can refuse to replace (``rename_no_replace``; an inotify
+    watcher sees it arrive complete), else a hard link and ``src`` removed (IN_CREATE and no
+    close-write: the daemon waits ``ingest.settle_ms`` for such a file), else, on a filesystem
+    without hard links (some network shares), check then rename: racy only against another
+    process writing the same name.
+    """
+    if rename_no_replace(src, dst):
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        with _NO_LINK_LOCK:
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "File exists", str(dst)) from exc
+            os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def atomic_write_bytes(
+    path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True, exclusive: bool = False
+) -> None:
     """Write ``data`` to ``path`` so readers see the old or the new file, never a mix.
 
     The file gets ``mode`` whatever the umask (0600 by default, as ``mkstemp`` would make it;
@@ -76,7 +109,9 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600, durable: b
     folder): a power cut may then lose the new file, but never leaves half of one. The temp
     name is a random per-process token, the process id (a forked child keeps the token) and a
     counter: unique without ``mkstemp``'s retries, and ``O_EXCL`` refuses a clash rather than
-    share a file.
+    share a file. ``exclusive=True`` never replaces an existing ``path``, even one made a moment
+    before by another thread or process (``move_no_replace``): FileExistsError says the name
+    is taken.
     """
     tmp = path.parent / f".{path.name}.{_TMP_TOKEN}-{os.getpid()}.{next(_TMP_SEQ)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -90,7 +125,10 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600, durable: b
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if exclusive:
+            move_no_replace(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -48,10 +48,8 @@ class HeatmapWriter:
             return ""
         try:
             root = destination_root(self.folder, pred.label, self.layout, datetime.now(timezone.utc))
-            path = plan_destination(root, PurePosixPath(str(item.rel) + ".png"), item.sha256 or "0" * 8)
-            write_overlay(
-                path, overlay_png(item.thumb, cam, pred.label, pred.probability, threshold), durable=False
-            )
+            png = overlay_png(item.thumb, cam, pred.label, pred.probability, threshold)
+            path = _write_new(root, PurePosixPath(str(item.rel) + ".png"), item.sha256 or "0" * 8, png)
         except Exception as exc:  # never block or fail the row
             log.error("heatmap_write_failed", file=str(item.rel), error=f"{type(exc).__name__}: {exc}")
             return ""
@@ -60,3 +58,24 @@ class HeatmapWriter:
     def close(self) -> None:
         """Wait for overlays being written, then stop the threads."""
         self._pool.shutdown(wait=True)
+
+
+_TRIES = 100
+
+
+def _write_new(root: Path, rel: PurePosixPath, sha256: str, png: bytes) -> Path:
+    """Write ``png`` under ``root`` at ``rel``, or the next free name (``plan_destination``).
+
+    Never replaces a file: two files of the same name in one batch are drawn by two threads
+    at once, and both may find the same name free; the second to link it gets the next one.
+    """
+    for _ in range(_TRIES):
+        path = plan_destination(root, rel, sha256)
+        try:
+            write_overlay(path, png, durable=False, exclusive=True)
+        except FileExistsError:
+            if not path.parent.is_dir():
+                raise  # a file where the folder should be: no other name helps
+            continue
+        return path
+    raise FileExistsError(f"no free name for {rel} under {root} after {_TRIES} tries")

@@ -99,7 +99,7 @@ from pynetdicom.events import EventHandlerType
 from watcher import failpoints, systemd
 from watcher.config import Config
 from watcher.errors import ConfigError, WatcherError
-from watcher.fsutil import fsync_dir, rename_no_replace
+from watcher.fsutil import fsync_dir, move_no_replace
 from watcher.signals import SignalQueue, arm_exit_deadline
 from watcher.signals import restore as restore_signals
 
@@ -140,7 +140,6 @@ SHUTDOWN_GRACE_S = 10.0  # on stop, how long open associations may take to finis
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _SOP_CLASS_UID_TAG = 0x00080016
 _SOP_INSTANCE_UID_TAG = 0x00080018
-_NO_LINK_LOCK = threading.Lock()
 
 
 def is_valid_uid(value: str) -> bool:
@@ -201,7 +200,7 @@ def write_instance(inbox: Path, uid: str, data: bytes) -> tuple[Path, bool]:
             if final.parent != inbox:  # cannot happen with a valid UID; never write elsewhere
                 raise OSError(errno.EINVAL, f"refusing to write outside the inbox: {name!r}")
             try:
-                _place_no_replace(tmp, final)
+                move_no_replace(tmp, final)
             except FileExistsError:
                 if _same_bytes(final, data):
                     return final, True
@@ -222,30 +221,6 @@ def _create_part(inbox: Path, uid: str) -> tuple[int, Path]:
         except FileExistsError:
             continue
         return fd, tmp
-
-
-def _place_no_replace(src: Path, dst: Path) -> None:
-    """Give ``src`` the name ``dst``; FileExistsError if ``dst`` exists (never replaced).
-
-    A rename where the filesystem can refuse to replace (the daemon then takes the file at
-    once, as renamed in complete), else a hard link (the daemon waits ``ingest.settle_ms``
-    for it, as the link raises IN_CREATE and no close-write), else check and rename.
-    """
-    if rename_no_replace(src, dst):
-        return
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        # A filesystem without hard links: check, then rename (racy only against other writers
-        # of the same name; the listener's own associations are serialised by this lock).
-        with _NO_LINK_LOCK:
-            if os.path.lexists(dst):
-                raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from exc
-            os.rename(src, dst)
 
 
 @dataclass
