@@ -205,6 +205,9 @@ class TestStoredGraph:
             ("probe answers", "differ from TensorFlow's recorded"),
             ("probe maps", "differ from TensorFlow's recorded Grad-CAM"),
             ("no record", "unreadable"),
+            ("record not an object", "unreadable: a JSON list"),
+            ("probe maps not numbers", "unreadable"),
+            ("head weights of another size", "head weights do not fit"),
             ("no graph", "has no model.onnx"),
             ("no model", "cannot read"),
         ],
@@ -228,6 +231,14 @@ class TestStoredGraph:
             info_path.write_text(json.dumps(info))
         elif damage == "no record":
             info_path.unlink()
+        elif damage == "record not an object":
+            info_path.write_text("[]")
+        elif damage == "probe maps not numbers":
+            info["probe"]["maps"] = "garbage"
+            info_path.write_text(json.dumps(info))
+        elif damage == "head weights of another size":
+            info["head_weights"] = info["head_weights"][:-1]
+            info_path.write_text(json.dumps(info))
         elif damage == "no model":
             (folder / "model.keras").unlink()
         else:

@@ -250,6 +250,8 @@ class OnnxModel:
             raise OnnxUnavailable(f"{folder.name} has no {ONNX_FILE}")
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise ValueError(f"a JSON {type(info).__name__}, expected an object")
             if info.get("format") != ARTIFACT_FORMAT:
                 raise ValueError(f"format {info.get('format')!r}, expected {ARTIFACT_FORMAT}")
             probe_prob = np.asarray(info["probe"]["probabilities"], np.float32)
@@ -258,7 +260,8 @@ class OnnxModel:
             shape = (int(info["height"]), int(info["width"]))
             source, digest = str(info["source_sha256"]), str(info["onnx_sha256"])
             head = None if block is None else np.asarray(info["head_weights"], np.float32)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ref_maps = None if block is None else np.asarray(probe_maps, np.float32)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OnnxUnavailable(f"{info_path.name} of {folder.name} is unreadable: {exc}") from exc
         if shape != (height, width):
             raise OnnxUnavailable(f"{ONNX_FILE} takes {shape[0]}x{shape[1]}, the version {height}x{width}")
@@ -280,7 +283,6 @@ class OnnxModel:
         self = cls.__new__(cls)
         self.head_weights, self.grid = head, None
         self._open(graph, threads)
-        ref_maps = None if block is None else np.asarray(probe_maps, np.float32)
         self._check(_probe(height, width), probe_prob, ref_maps, "TensorFlow's recorded")
         return self
 
@@ -316,7 +318,10 @@ class OnnxModel:
             raise OnnxUnavailable(f"its answers differ from {whose} by {diff:.2e} on a probe batch")
         if their_maps is None or self.head_weights is None:
             return
-        _, maps = self._explain(probe)
+        try:
+            _, maps = self._explain(probe)
+        except ValueError as exc:  # head weights that do not fit the block (a damaged record)
+            raise OnnxUnavailable(f"its head weights do not fit its block output: {exc}") from exc
         diff = float(np.abs(maps - their_maps).max()) if maps.shape == their_maps.shape else float("inf")
         if not diff <= MAX_MAP_DIFF:
             raise OnnxUnavailable(
