@@ -140,12 +140,13 @@ def calibrated(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 class TestCalibrateSite:
     def test_command_line(self) -> None:
-        """The calibrate options and their defaults."""
+        """The calibrate options and their defaults (the store: the config's, unless given)."""
         parser = argparse.ArgumentParser()
         site.add_arguments(parser)
         args = parser.parse_args(["--data", "sample"])
-        assert (Path("sample"), Path("model_store"), None, 0.97, False) == (
+        assert (Path("sample"), "config.yaml", None, None, 0.97, False) == (
             args.data,
+            args.config,
             args.store,
             args.base,
             args.min_sensitivity,

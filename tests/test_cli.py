@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import yaml
 
 from tests.conftest import FULLRES, TRAIN_FIXTURES, fixture_images, publish_tiny
 
@@ -158,6 +159,30 @@ class TestModels:
         assert 1 == bad.returncode
         assert "no published version" in bad.stderr
 
+    def test_store_and_config_also_after_the_action(self, store: Path, tmp_path: Path) -> None:
+        """`models promote V --config FILE` as an operator types it: the options after the
+        action count, and override those before it."""
+        import shutil
+
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        config = tmp_path / "config.yaml"
+        for name in ("inbox", "processed", "failed"):
+            (tmp_path / name).mkdir()
+        settings = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+        config.write_text(yaml.safe_dump({**settings, "model_store": str(mine)}))
+        assert "v0001" == cli("models", "rollback", "--config", str(config)).stdout.strip()
+        assert "v0001" == (mine / "CURRENT").read_text().strip()
+        promoted = cli(
+            "models", "--store", str(tmp_path / "elsewhere"), "promote", "v0002", "--store", str(mine)
+        )
+        assert 0 == promoted.returncode, promoted.stderr
+        assert "v0002" == (mine / "CURRENT").read_text().strip()
+        assert "* v0002" in cli("models", "list", "--store", str(mine)).stdout
+        missing = cli("models", "list", "--store", str(tmp_path / "nowhere"))
+        assert (1, "") == (missing.returncode, missing.stdout)
+        assert f"xray-watcher: error: model store {tmp_path / 'nowhere'} is not a folder\n" in missing.stderr
+
     def test_import_publishes_a_version_trained_elsewhere(self, store: Path, tmp_path: Path) -> None:
         """models import copies a version folder from another store as the next version, records
         where it came from, promotes only when asked, and refuses a folder that is not a model."""
@@ -240,6 +265,11 @@ class TestUsageErrors:
         one_class = tmp_path / "one_class"
         (one_class / "NORMAL").mkdir(parents=True)
         missing = tmp_path / "nowhere"
+        for name in ("inbox", "processed", "failed"):
+            (tmp_path / name).mkdir()
+        config = tmp_path / "config.yaml"
+        settings = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+        config.write_text(yaml.safe_dump({**settings, "model_store": str(empty_store)}))
         train = ["train", "--data", str(TRAIN_FIXTURES), "--store", str(empty_store)]
         cases = [
             ([*train, "--arch", "foo"], "unknown architecture 'foo'"),
@@ -262,6 +292,15 @@ class TestUsageErrors:
                 "v0099",
             ),
             (["calibrate", "--store", str(store), "--base", "v0099", "--data", str(TRAIN_FIXTURES)], "v0099"),
+            (
+                ["predict", "--store", str(store), "--model-version", "v0099", str(fixture_images()[0])],
+                f"no model version v0099 in {store} (versions: v0001, v0002)",
+            ),
+            # calibrate finds the store in the config, as the other commands do
+            (
+                ["calibrate", "--config", str(config), "--data", str(TRAIN_FIXTURES)],
+                f"{empty_store} has no CURRENT",
+            ),
         ]
         before = sorted(p.name for p in store.iterdir())
         results, tensorflow_loaded = cli_in_one_process(*(argv for argv, _ in cases))
@@ -289,7 +328,17 @@ class TestEvaluate:
         [(rc, out, err)], tensorflow_loaded = cli_in_one_process([*argv, "--report", str(tmp_path / "rep")])
         assert 0 == rc, err[-2000:]
         assert not tensorflow_loaded
-        metrics = json.loads(out)
+
+        def refuse(token: str) -> None:
+            raise AssertionError(f"{token} is not JSON")
+
+        # strict JSON (jq, browsers): an undefined figure such as an empty reliability bin is null
+        metrics = json.loads(out, parse_constant=refuse)
+        saved = json.loads((tmp_path / "rep" / "metrics.json").read_text(), parse_constant=refuse)
+        assert None in [
+            b["mean_probability"] for b in metrics["reliability"]
+        ]  # the fixtures leave bins empty
+        assert metrics["reliability"] == saved["reliability"]
         n = len(fixture_images())
         flat = json.dumps(metrics)
         for key in ("accuracy", "sensitivity", "specificity", "roc_auc"):

@@ -148,17 +148,18 @@ def yaml_items(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class TestInitInstallation:
     def test_lays_out_a_loadable_installation(self, tmp_path: Path) -> None:
-        """init makes the config, the folders and a store whose CURRENT is the shipped model."""
+        """init makes the config, the folders and a store whose CURRENT is the shipped model,
+        under the shipped version's own name (a row's model_version means the same weights)."""
         report = init_installation(tmp_path / "site")
         cfg = load_config(report.config)
         assert tmp_path / "site" / "inbox" == cfg.inbox
-        assert ["v0001"] == model_store.list_versions(cfg.model_store)
-        assert "v0001" == model_store.current_version(cfg.model_store) == report.model_version
-        meta = model_store.read_metadata(cfg.model_store, "v0001")
+        assert [SHIPPED] == model_store.list_versions(cfg.model_store)
+        assert SHIPPED == model_store.current_version(cfg.model_store) == report.model_version
+        meta = model_store.read_metadata(cfg.model_store, SHIPPED)
         assert {"xray_watcher": __version__, "source_version": SHIPPED} == meta["bundled"]
-        assert "v0001" == meta["version"]
+        assert SHIPPED == meta["version"]
         shipped = ROOT / "model_store" / SHIPPED / model_store.MODEL_FILE
-        assert shipped.read_bytes() == (cfg.model_store / "v0001" / model_store.MODEL_FILE).read_bytes()
+        assert shipped.read_bytes() == (cfg.model_store / SHIPPED / model_store.MODEL_FILE).read_bytes()
         (entry,) = (json.loads(ln) for ln in (cfg.model_store / "history.jsonl").read_text().splitlines())
         assert f"bundled with xray-watcher {__version__}" == entry["reason"]
         assert [] == report.left_alone
@@ -173,7 +174,7 @@ class TestInitInstallation:
             line.split(" ")[0] for line in second.left_alone
         ]
         assert (tmp_path / "config.yaml").read_text().endswith("# mine\n")
-        assert ["v0001"] == model_store.list_versions(tmp_path / "model_store")
+        assert [SHIPPED] == model_store.list_versions(tmp_path / "model_store")
         assert first.model_version == second.model_version
 
     def test_force_backs_up_the_config_and_adds_a_version(self, tmp_path: Path) -> None:
@@ -183,8 +184,19 @@ class TestInitInstallation:
         report = init_installation(tmp_path, force=True)
         assert template_text() == (tmp_path / "config.yaml").read_text()
         assert ["# mine\n"] == [p.read_text() for p in tmp_path.glob("config.yaml.*.bak")]
-        assert ["v0001", "v0002"] == model_store.list_versions(tmp_path / "model_store")
-        assert "v0002" == model_store.current_version(tmp_path / "model_store") == report.model_version
+        after = f"v{int(SHIPPED[1:]) + 1:04d}"  # the shipped name is taken: the next one
+        assert [SHIPPED, after] == model_store.list_versions(tmp_path / "model_store")
+        assert after == model_store.current_version(tmp_path / "model_store") == report.model_version
+
+    def test_force_into_a_store_of_older_versions_keeps_the_shipped_name(self, tmp_path: Path) -> None:
+        """A store holding only versions older than the shipped one gets it under its own name."""
+        store = tmp_path / "model_store"
+        store.mkdir()
+        shutil.copytree(ROOT / "model_store" / "v0001", store / "v0001")
+        model_store.set_current(store, "v0001", reason="test")
+        report = init_installation(tmp_path, force=True)
+        assert ["v0001", SHIPPED] == model_store.list_versions(store)
+        assert SHIPPED == model_store.current_version(store) == report.model_version
 
     def test_refuses_a_file_as_target(self, tmp_path: Path) -> None:
         """A target that is a file is an error, and nothing is created."""

@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from watcher import failpoints, model_store
-from watcher.config import DecodeConfig, IngestConfig, load_config
+from watcher.config import DEFAULT_CONFIG, DecodeConfig, IngestConfig, load_config
 from watcher.dicom import population_of, population_warning
 from watcher.errors import ConfigError, DecodeError, ModelStoreError, WatcherError
 from watcher.fsutil import fsync_dir, try_lock
@@ -82,7 +82,6 @@ STAGING = ".staging"
 LOCK = ".lock"
 DEFAULT_BATCH = 32
 DEFAULT_PART_ROWS = 1000
-DEFAULT_CONFIG = "config.yaml"
 
 Batch = dict[str, npt.NDArray[Any]]
 
@@ -272,8 +271,12 @@ class PredictBatch:
     def __init__(
         self, store: str, version: str, limits: dict[str, Any] | None = None, threads: int = 1
     ) -> None:
+        from watcher import runtime
         from watcher.inference import serving_predictor
 
+        runtime.quiet_tensorflow(
+            "info"
+        )  # a Ray worker: TensorFlow's start-up lines (if it loads) kept off stderr
         self.predictor = serving_predictor(Path(store), version, threads=threads)
         self.instance = _instance()
         self.limits = DecodeConfig(**(limits or {}))
@@ -735,6 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging("info", "auto", stream=sys.stderr)
+    from watcher import runtime
+
+    runtime.quiet_tensorflow("info")  # as the console script does
     return cli_main(args)
 
 

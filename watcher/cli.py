@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -17,7 +16,7 @@ from typing import Any
 import structlog
 
 from watcher import __version__, model_store
-from watcher.config import Config, DecodeConfig, load_config
+from watcher.config import DEFAULT_CONFIG, Config, DecodeConfig, load_config
 from watcher.errors import ConfigError, WatcherError
 from watcher.logs import capture_thread_crashes, configure_logging
 from watcher.runtime import import_tensorflow, quiet_tensorflow
@@ -26,7 +25,6 @@ from watcher.splits import class_folder_problem
 
 log = structlog.get_logger()
 
-DEFAULT_CONFIG = "config.yaml"
 # imported (quietly) up front; the other commands load it only if the version must be served or
 # converted by TensorFlow (a GPU host, runtime: tensorflow for ``run`` and ``check``, a version
 # without a usable model.onnx)
@@ -92,12 +90,21 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--store", type=Path, help="model store (default: from the config)")
     with_config(models)
     msub = models.add_subparsers(dest="action", required=True)
-    msub.add_parser("list", help="versions with their key validation metrics")
-    promote = msub.add_parser("promote", help="make VERSION current")
+
+    def models_action(name: str, help: str) -> argparse.ArgumentParser:
+        # --store and --config also after the action (`models promote v0005 --config FILE`);
+        # SUPPRESS: given there, they replace what came before it, else they leave it be
+        action = msub.add_parser(name, help=help)
+        action.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="as before the action")
+        action.add_argument("--config", default=argparse.SUPPRESS, help="as before the action")
+        return action
+
+    models_action("list", "versions with their key validation metrics")
+    promote = models_action("promote", "make VERSION current")
     promote.add_argument("version")
-    msub.add_parser("rollback", help="go back to the version promoted before the current one")
-    imp = msub.add_parser(
-        "import", help="publish a version folder trained elsewhere (a GPU machine, a scratch store)"
+    models_action("rollback", "go back to the version promoted before the current one")
+    imp = models_action(
+        "import", "publish a version folder trained elsewhere (a GPU machine, a scratch store)"
     )
     imp.add_argument("source", type=Path, help="a version folder: model.keras + metadata.json")
     imp.add_argument("--promote", action="store_true", help="make it current")
@@ -233,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     predictor = serving_predictor(_store_from(args), args.model_version)  # the daemon's answers
     metrics = evaluate_folder(predictor, args.data, report_dir=args.report)
     if args.json:
-        print(json.dumps(metrics, indent=2, default=float))
+        print(model_store.json_text(metrics))
     else:
         print(format_report(metrics))
     return 0
@@ -307,6 +314,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             model_store.set_current(store, version, reason=f"imported from {args.source}")
         print(version)
         return 0
+    versions = model_store.list_versions(store)  # a store that is not there: the error alone
     try:
         current = model_store.current_version(store)
     except WatcherError:
@@ -315,7 +323,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         f"{'':2}{'version':8} {'arch':10} {'created':20} {'val_auc':>8} {'val_acc':>8} {'sens':>6} "
         f"{'spec':>6} {'thresh':>7}"
     )
-    for version in model_store.list_versions(store):
+    for version in versions:
         try:
             meta = model_store.read_metadata(store, version)
         except WatcherError as exc:
@@ -411,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "calibrate":
             from watcher import site
 
+            args.store = _store_from(args)
             return site.cli_main(args)
     except ConfigError as exc:
         print(f"xray-watcher: configuration error: {exc}", file=sys.stderr)

@@ -20,6 +20,8 @@ import yaml
 
 from watcher.errors import ConfigError
 
+DEFAULT_CONFIG = "config.yaml"  # what --config defaults to: config.yaml in the current folder
+
 
 @dataclass(frozen=True)
 class BatchConfig:

@@ -393,8 +393,7 @@ def evaluate_folder(
     Unreadable files are logged, counted and skipped (listed under ``skipped``). With
     ``report_dir``, ``metrics.json`` and the plots are written there.
     """
-    import json
-
+    from watcher.model_store import json_text
     from watcher.splits import class_folder_problem, list_samples, patient_id
 
     data_dir = Path(data_dir)
@@ -446,7 +445,7 @@ def evaluate_folder(
     if report_dir is not None:
         report_dir = Path(report_dir)
         write_plots(report_dir, labels, probs, predictor.threshold)
-        (report_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (report_dir / "metrics.json").write_text(json_text(report) + "\n", encoding="utf-8")
     return report
 
 

@@ -2,11 +2,13 @@
 
 DIR gets ``config.yaml`` (the commented template, relative paths), ``inbox/``,
 ``processed/``, ``failed/`` and ``model_store/`` seeded with the model bundled in the
-package, published like ``train`` does (build folder, ``publish``, ``set_current``).
+package, published like ``train`` does (build folder, ``publish``, ``set_current``) under its
+own name (``v0004``: the same name as in the project's store) where the store has none newer.
 Nothing that exists is overwritten without ``force``: an existing config is left alone (with
 ``force``: kept as ``config.yaml.<time>.bak`` and replaced), and a store that already holds
-versions is left alone (with ``force``: the bundled model is published beside them as the
-next version and made current; published versions are never touched).
+versions is left alone (with ``force``: the bundled model is published beside them, as the
+next version where its name is taken, and made current; published versions are never
+touched).
 
 The bundled model is ``watcher/bundled_model/<version>/`` in a wheel (setup.py's build hook
 copies it from ``model_store/<CURRENT>``); an editable install reads the checkout's
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -97,7 +100,10 @@ def seed_store(store: Path, source: Path) -> str:
             meta_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
         stamp("unpublished")
-        version = model_store.publish(store, build, stamp=stamp)
+        # the bundled version's own name where the store has no newer one, so that a row's
+        # model_version names the same weights here as in the project's store and README
+        named = re.fullmatch(r"v(\d{4,})", source.name)
+        version = model_store.publish(store, build, stamp=stamp, at_least=int(named[1]) if named else 1)
     except BaseException:
         model_store.remove_build(build)
         raise

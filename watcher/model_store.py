@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -55,6 +56,8 @@ def list_versions(store: Path) -> list[str]:
 def current_version(store: Path) -> str:
     """The version named by CURRENT, checked to exist."""
     pointer = store / CURRENT_FILE
+    if not store.is_dir():
+        raise ModelStoreError(f"model store {store} is not a folder")
     try:
         version = pointer.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -67,12 +70,34 @@ def current_version(store: Path) -> str:
     return version
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (JSON null); numpy scalars and arrays as Python's."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy scalar or array
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON for files and output others parse: an undefined figure (NaN: one class, an
+    empty bin) is ``null``, never the ``NaN`` token that only some parsers accept."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
 def read_json(store: Path, version: str, name: str) -> dict[str, Any]:
     """One JSON file of a version."""
     path = store / version / name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not (store / version).is_dir():
+            known = ", ".join(list_versions(store)) if store.is_dir() else "none"
+            raise ModelStoreError(f"no model version {version} in {store} (versions: {known})") from None
         raise ModelStoreError(f"version {version} has no {name} ({path})") from None
     except (OSError, ValueError) as exc:
         raise ModelStoreError(f"cannot read {path}: {exc}") from exc
@@ -93,18 +118,19 @@ def new_build_dir(store: Path) -> Path:
     return build
 
 
-def publish(store: Path, build: Path, stamp: Callable[[str], None] | None = None) -> str:
+def publish(store: Path, build: Path, stamp: Callable[[str], None] | None = None, at_least: int = 1) -> str:
     """Publish a finished build folder as the next version; returns its name.
 
     ``stamp(version)`` is called with the chosen name before the rename, so files in the
-    build can record it (e.g. metadata.json's ``version``).
+    build can record it (e.g. metadata.json's ``version``). The number is one past the
+    newest version's, and at least ``at_least`` (``init`` keeps the bundled model's name).
     """
     for name in (MODEL_FILE, METADATA_FILE):
         if not (build / name).is_file():
             raise ModelStoreError(f"build folder {build} lacks {name}; nothing published")
     for _ in range(100):
         versions = list_versions(store)
-        number = int(versions[-1][1:]) + 1 if versions else 1
+        number = max(int(versions[-1][1:]) + 1 if versions else 1, at_least)
         version = f"v{number:04d}"
         if stamp is not None:
             stamp(version)
@@ -127,7 +153,7 @@ def publish_with_metadata(store: Path, build: Path, metadata: dict[str, Any]) ->
 
     def stamp(version: str) -> None:
         metadata["version"] = version
-        (build / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (build / METADATA_FILE).write_text(json_text(metadata) + "\n", encoding="utf-8")
 
     stamp("unpublished")
     return publish(store, build, stamp=stamp)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import sys
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ import numpy.typing as npt
 import structlog
 
 from watcher import __version__, calibration, drift, evaluation, model_store, onnxrt
+from watcher.config import DEFAULT_CONFIG
 from watcher.dicom import population_of
 from watcher.errors import DecodeError, EvaluationError, WatcherError
 from watcher.imaging import decode_bytes, preprocess
@@ -277,9 +277,7 @@ def calibrate_site(
         }
         evaluation.write_plots(build, y, cv["margin"], 0.5)
         evaluation.plot_reliability(y, cv["probabilities"], build / evaluation.PLOT_FILES[3])
-        (build / model_store.METRICS_FILE).write_text(
-            json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8"
-        )
+        (build / model_store.METRICS_FILE).write_text(model_store.json_text(metrics) + "\n", encoding="utf-8")
         keep = ("class_names", "preprocessing", "architecture", "architecture_description", "input_shape")
         metadata: dict[str, Any] = {k: base_meta[k] for k in keep if k in base_meta}
         metadata.update(
@@ -350,7 +348,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="labelled local sample: NORMAL/ and PNEUMONIA/ (50-500 images)",
     )
-    parser.add_argument("--store", type=Path, default=Path("model_store"), help="default: %(default)s")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="config file, for its model_store (default: %(default)s)"
+    )
+    parser.add_argument("--store", type=Path, help="model store (default: the config's model_store)")
     parser.add_argument("--base", help="version to recalibrate (default: current)")
     parser.add_argument(
         "--min-sensitivity",
@@ -379,10 +380,14 @@ def cli_main(args: argparse.Namespace) -> int:
         f"{meta['calibration']['assumed_prevalence']:g})",
         file=sys.stderr,
     )
+
+    def fmt(value: Any) -> str:  # an undefined figure is stored as null
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
     for name in ("sensitivity", "specificity", "roc_auc", "ece"):
+        low, high = ci[name]
         print(
-            f"  {name:<12} {val[name]:.3f} (95% CI {ci[name][0]:.3f}-{ci[name][1]:.3f}), cross-validated",
-            file=sys.stderr,
+            f"  {name:<12} {fmt(val[name])} (95% CI {fmt(low)}-{fmt(high)}), cross-validated", file=sys.stderr
         )
     for text in meta["site_calibration"]["warnings"]:
         print(f"warning: {text}", file=sys.stderr)

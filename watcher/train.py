@@ -39,7 +39,6 @@ What it does, in order:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -464,7 +463,7 @@ def train(opts: TrainOptions) -> str:
         clean.save(build / model_store.MODEL_FILE)
         evaluation.write_plots(build, y_val, probs, threshold, history=hist)
         report["history"] = hist
-        (build / model_store.METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (build / model_store.METRICS_FILE).write_text(model_store.json_text(report) + "\n", encoding="utf-8")
         training_time = time.monotonic() - started
         metadata: dict[str, Any] = {
             "version": None,
