@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.conftest import fixture_images
-from tests.harness import read_csv_both, run_once
+from tests.harness import check_exactly_once, read_csv_both, run_once, sha
 from watcher.config import Config
 from watcher.filing import destination_root, folder_size, place, plan_destination
 
@@ -146,6 +146,35 @@ class TestDateLayoutInTheDaemon:
                 assert (site / row["heatmap"]).is_file()
             assert dest.is_file()
         assert [] == list(cfg.inbox.rglob("*.jpeg"))
+
+
+class TestOneNameTwiceInABatch:
+    def test_each_row_names_its_own_file_and_heat_map(
+        self, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """Two files of one name claimed apart (a second scan.jpeg dropped while the first
+        waited; here as a crash leaves them) are scored in one batch: each is filed where its
+        row says, under its own name or its hash-tagged one, and so is its heat map."""
+        root = tmp_path / "svc"
+        root.mkdir()
+        shutil.copytree(Path(__file__).parents[1] / "model_store", root / "model_store")  # explainable
+        cfg = make_config(explain={"enabled": True})
+        originals = {}
+        for claim, image in zip(("aaaa1111", "bbbb2222", "cccc3333"), fixture_images()[:3], strict=True):
+            data = image.read_bytes()
+            (cfg.work_dir / "claimed" / claim / "ward").mkdir(parents=True)
+            (cfg.work_dir / "claimed" / claim / "ward" / "scan.jpeg").write_bytes(data)
+            originals[sha(data)] = data
+        proc = run_once(cfg, timeout=180)
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        rows = check_exactly_once(cfg, originals)  # each file where its row says, once
+        assert '"destination_taken"' not in proc.stdout
+        site = cfg.source.parent  # type: ignore[union-attr]
+        assert 3 == len({r["destination"] for r in rows}) == len({r["heatmap"] for r in rows})
+        for row in rows:
+            assert Path(row["destination"]).name in ("scan.jpeg", f"scan.{row['sha256'][:8]}.jpeg")
+            assert Path(row["heatmap"]).name in ("scan.jpeg.png", f"scan.jpeg.{row['sha256'][:8]}.png")
+            assert (site / row["heatmap"]).is_file()
 
 
 class TestFolderSize:

@@ -18,6 +18,7 @@ import shutil
 import stat
 import time
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -88,15 +89,20 @@ def folder_size(root: Path, budget_s: float = 2.0) -> FolderSize:
     return FolderSize(total, files, True, time.monotonic() - t0)
 
 
-def plan_destination(root: Path, rel: PurePosixPath, sha256: str) -> Path:
-    """A path under ``root`` for ``rel`` that does not exist yet."""
+def plan_destination(root: Path, rel: PurePosixPath, sha256: str, taken: Container[Path] = ()) -> Path:
+    """A path under ``root`` for ``rel`` that does not exist yet, nor is in ``taken`` (the
+    names already planned for others of the same batch)."""
+
+    def used(path: Path) -> bool:
+        return path in taken or os.path.lexists(path)
+
     target = root.joinpath(*rel.parts)
-    if not os.path.lexists(target):
+    if not used(target):
         return target
     stem, suffix = target.stem, target.suffix
     tagged = target.with_name(f"{stem}.{sha256[:8]}{suffix}")
     n = 2
-    while os.path.lexists(tagged):
+    while used(tagged):
         tagged = target.with_name(f"{stem}.{sha256[:8]}-{n}{suffix}")
         n += 1
     return tagged

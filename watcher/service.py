@@ -1035,12 +1035,16 @@ class Service:
         rows: list[ResultRow] = []
         moves: list[tuple[Item, Path]] = []
         n_warnings = 0
+        # two files of one name in a batch (claimed apart) must not plan the same destination:
+        # the second would be moved elsewhere, and its row would name the first one's file
+        planned = {Path(i.known_destination) for i in items if i.known_destination}
         for item in fresh:
             now = datetime.now(timezone.utc)
             pred = scored.get(id(item))
             base = cfg.processed if pred else cfg.failed
             root = destination_root(base, pred.label if pred else None, cfg.filing.layout, now)
-            dest = plan_destination(root, item.rel, item.sha256 or "0" * 8)
+            dest = plan_destination(root, item.rel, item.sha256 or "0" * 8, planned)
+            planned.add(dest)
             h, w = (str(item.height), str(item.width)) if item.height else ("", "")
             warning = population_warning(item.age_years, item.age_text, batch.population) if pred else ""
             n_warnings += bool(warning)
