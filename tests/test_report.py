@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from watcher import report
 from watcher.config import ReportConfig
@@ -201,10 +203,149 @@ class TestRecordStarts:
         raw = path.read_bytes()
         cut = data.draw(st.integers(len(whole), len(raw)))
         path.write_bytes(raw[:cut])
-        expected = max(s for s in true_record_starts(raw) | {len(whole)} if s <= cut)
+        starts = true_record_starts(raw) | {len(whole)}
+        expected = max(s for s in starts if s <= cut)
+        if cut + 1 in starts:  # only the newline is missing: the row is whole and stays
+            expected = cut + 1
+        folder = path.parent
         with patch.object(report, "_BLOCK", 8):
             ResultsWriter(path).open()
         assert raw[:expected] == path.read_bytes()
+        kept = [p.read_bytes() for p in folder.glob("r.csv.torn-*")]
+        assert ([raw[expected:cut]] if expected < cut else []) == kept
+
+
+def without_last_newline(path: Path) -> bytes:
+    """Drop the file's final newline, as some editors do on save; returns the bytes before."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1])
+    return raw
+
+
+class TestTornTail:
+    def test_whole_last_row_without_newline_is_kept(self, tmp_path: Path) -> None:
+        """A complete last row that lacks only its newline gets the newline back, not cut."""
+        path = tmp_path / "r.csv"
+        ResultsWriter(path).open().append([row("a.jpg"), row('b, "odd"\n.jpg', heatmap="/h/b.png")])
+        raw = without_last_newline(path)
+        with capture_logs() as logs:
+            ResultsWriter(path).open().append([row("c.jpg")])
+        assert path.read_bytes().startswith(raw)
+        assert ["a.jpg", 'b, "odd"\n.jpg', "c.jpg"] == [r["file"] for r in read_rows(path)]
+        assert [] == [e for e in logs if e["event"] == "results_torn_line_removed"]
+        (event,) = [e for e in logs if e["event"] == "results_newline_added"]
+        assert str(path) == event["path"]
+        assert [] == list(tmp_path.glob("r.csv.torn-*"))
+
+    def test_editor_saved_row_without_newline_is_kept(self, tmp_path: Path) -> None:
+        """A last row quoted only where needed (an editor's save, CRLF) and without newline stays."""
+        path = tmp_path / "r.csv"
+        ResultsWriter(path).open().append([row("a.jpg")])
+        last = io.StringIO()
+        b = row("b.jpg")
+        csv.writer(last, lineterminator="\r\n").writerow([getattr(b, c) for c in COLUMNS])
+        with path.open("ab") as fh:
+            fh.write(last.getvalue().rstrip("\r\n").encode())
+        ResultsWriter(path).open().append([row("c.jpg")])
+        assert ["a.jpg", "b.jpg", "c.jpg"] == [r["file"] for r in read_rows(path)]
+
+    @pytest.mark.parametrize("cut", [2, 3, 6], ids=["inside-last-quotes", "after-last-comma", "mid-field"])
+    def test_cut_row_is_removed_and_kept_aside(self, tmp_path: Path, cut: int) -> None:
+        """A row cut short (even one with all its commas) is removed; its bytes go to a side file."""
+        path = tmp_path / "r.csv"
+        ResultsWriter(path).open().append([row("a.jpg")])
+        whole = path.read_bytes()
+        ResultsWriter(path).open().append([row("b.jpg", warning="warn")])
+        raw = path.read_bytes()
+        path.write_bytes(raw[:-cut])  # ...,"warn",""\n less its last `cut` bytes
+        with capture_logs() as logs:
+            ResultsWriter(path).open()
+        assert whole == path.read_bytes()
+        (event,) = [e for e in logs if e["event"] == "results_torn_line_removed"]
+        (side,) = tmp_path.glob("r.csv.torn-*")
+        assert str(side) == event["kept_in"]
+        assert raw[len(whole) : -cut] == side.read_bytes()
+        assert len(raw) - cut - len(whole) == event["removed_bytes"]
+
+    def test_side_files_never_overwritten(self, tmp_path: Path) -> None:
+        """Two torn lines cut within one second go to two side files; the first is not replaced."""
+        path = tmp_path / "r.csv"
+        now = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+        w = ResultsWriter(path, now=lambda: now).open()
+        w.append([row("a.jpg")])
+        for torn in (b'"2026-03-01T12:00:00.000Z","first', b'"2026-03-01T12:00:00.000Z","second'):
+            with path.open("ab") as fh:
+                fh.write(torn)
+            ResultsWriter(path, now=lambda: now).open()
+        kept = sorted(p.read_bytes() for p in tmp_path.glob("r.csv.torn-*"))
+        assert [b'"2026-03-01T12:00:00.000Z","first', b'"2026-03-01T12:00:00.000Z","second'] == kept
+        assert ["a.jpg"] == [r["file"] for r in read_rows(path)]
+        assert [] == [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+class TestTornTailOnAFullDisk:
+    def test_nothing_cut_when_the_bytes_cannot_be_kept(self, tmp_path: Path) -> None:
+        """No room for the side file (a real full tmpfs): the torn bytes stay in results.csv,
+        and opening fails with a ReportError saying so."""
+        from tests.harness import small_tmpfs
+
+        with small_tmpfs(tmp_path / "disk", "64k") as disk:
+            path = disk / "r.csv"
+            ResultsWriter(path).open().append([row("a.jpg")])
+            with path.open("ab") as fh:
+                fh.write(b'"2026-03-01T12:00:00.000Z","torn')
+            before = path.read_bytes()
+            with (disk / "filler").open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+                while True:  # fill the disk to the last block
+                    fh.write(b"x" * 4096)
+            with pytest.raises(ReportError, match="cannot keep the torn last line"):
+                ResultsWriter(path).open()
+            assert before == path.read_bytes()
+            assert [] == list(disk.glob("r.csv.torn-*"))
+
+
+def excel_csv(path: Path, rows: list[ResultRow]) -> bytes:
+    """results.csv as Excel saves it as "CSV UTF-8": a BOM, CRLF, quotes only where needed."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\r\n")
+    out.writerow(COLUMNS)
+    for r in rows:
+        out.writerow([getattr(r, c) for c in COLUMNS])
+    data = ("\ufeff" + buf.getvalue()).encode()
+    path.write_bytes(data)
+    return data
+
+
+class TestExcelSaved:
+    def test_bom_and_crlf_keep_working(self, tmp_path: Path) -> None:
+        """A file Excel saved (BOM, CRLF, minimal quotes) opens; appends continue; every reader reads it."""
+        path = tmp_path / "r.csv"
+        odd = 'b, "odd"\n.jpg'
+        saved = excel_csv(
+            path,
+            [
+                row("a.jpg", claim="c1", instance="me", destination="/p/a.jpg"),
+                row(odd, claim="c2", instance="me", destination=f"/p/{odd}"),
+            ],
+        )
+        w = ResultsWriter(path, ReportConfig(rotate="never")).open()
+        w.append([row("c.jpg", claim="c3", instance="me", destination="/p/c.jpg")])
+        assert path.read_bytes().startswith(saved)  # nothing rewritten
+        rows = read_rows(path)
+        assert list(COLUMNS) == list(rows[0])  # the BOM is not part of the first column's name
+        assert ["a.jpg", odd, "c.jpg"] == [r["file"] for r in rows]
+        expected = {("c1", "a.jpg"): "/p/a.jpg", ("c2", odd): f"/p/{odd}", ("c3", "c.jpg"): "/p/c.jpg"}
+        assert expected == find_rows(path, {"c1", "c2", "c3"}, "me", None)
+        assert [odd, "c.jpg"] == [r["file"] for r in report.tail_rows(path, 2)]
+        assert list(COLUMNS) == list(report.tail_rows(path, 1)[0])
+        assert ["a.jpg", odd, "c.jpg"] == list(pd.read_csv(path, dtype=str, keep_default_na=False)["file"])
+
+    def test_foreign_header_with_a_bom_still_refused(self, tmp_path: Path) -> None:
+        """Only a BOM is forgiven: another header behind one still stops the service."""
+        path = tmp_path / "r.csv"
+        path.write_bytes("\ufeffname,value\r\nx,1\r\n".encode())
+        with pytest.raises(ReportError, match="not written by this version"):
+            ResultsWriter(path).open()
 
 
 class TestFindRows:

@@ -183,6 +183,60 @@ class TestRetention:
         assert 3 == len(rotated_files(path))
 
 
+class TestOrderByContent:
+    """Rotated files go by their first row's processed_at: touching or copying one changes nothing."""
+
+    LATER = datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()  # after every real and test clock
+
+    def test_keep_deletes_the_oldest_rows_not_the_oldest_mtime(self, tmp_path: Path) -> None:
+        """keep: 2 deletes July's file even when it was touched last (not September's or August's)."""
+        path, clock = tmp_path / "results.csv", Clock()
+        w = writer(path, clock, keep=2)
+        july = tmp_path / "results-2026-07.csv"
+        with capture_logs() as logs:
+            for month in (7, 8, 9):
+                clock.t = datetime(2026, month, 10, tzinfo=timezone.utc)
+                w.append([row(f"m{month}", clock.t)])
+            os.utime(july, (self.LATER, self.LATER))  # opened and re-saved, or cp without -p
+            clock.t = datetime(2026, 10, 10, tzinfo=timezone.utc)
+            w.append([row("m10", clock.t)])
+        assert ["results-2026-08.csv", "results-2026-09.csv"] == [p.name for p in rotated_files(path)]
+        deleted = [e["path"] for e in logs if e["event"] == "results_rotated_deleted"]
+        assert [str(july)] == deleted
+        assert ["m8", "m9", "m10"] == all_names(path)
+
+    def test_recovery_reads_the_newest_rows_first(self, tmp_path: Path) -> None:
+        """find_rows reads August's file before a touched July one, so it finds August's claim."""
+        path, clock = tmp_path / "results.csv", Clock()
+        w = writer(path, clock)
+        for month in (7, 8, 9):
+            clock.t = datetime(2026, month, 10, tzinfo=timezone.utc)
+            w.append([row(f"m{month}", clock.t, claim=f"c{month}", destination=f"/processed/m{month}")])
+        july, august = tmp_path / "results-2026-07.csv", tmp_path / "results-2026-08.csv"
+        os.utime(july, (self.LATER, self.LATER))
+        assert [july, august] == rotated_files(path)
+        assert [july, august, path] == results_files(path)
+        # July's row (this instance, another claim, before not_before) ends the search: it must come last
+        not_before = format_utc(datetime(2026, 8, 10, tzinfo=timezone.utc) - timedelta(hours=1))
+        assert {("c8", "m8"): "/processed/m8"} == find_rows(path, {"c8"}, "me", not_before)
+
+    def test_files_without_rows_fall_back_to_mtime(self, tmp_path: Path) -> None:
+        """A rotated file with no parsable row sits where its mtime puts it; equal times go by name."""
+        header = ",".join(COLUMNS) + "\n"
+        march = tmp_path / "results-2026-03.csv"
+        writer(march, Clock()).append([row("mar", datetime(2026, 3, 5, tzinfo=timezone.utc))])
+        empty = tmp_path / "results-0007.csv"  # header only
+        empty.write_text(header)
+        junk = tmp_path / "results-2026-01_2.csv"  # not ours, no header
+        junk.write_text("someone else's\n")
+        twin = tmp_path / "results-2026-03_2.csv"  # the same first row as March's file
+        twin.write_bytes(march.read_bytes())
+        for p, month in ((empty, 2), (junk, 4), (march, 5)):
+            stamp = datetime(2026, month, 1, tzinfo=timezone.utc).timestamp()
+            os.utime(p, (stamp, stamp))
+        assert [empty, march, twin, junk] == rotated_files(tmp_path / "results.csv")
+
+
 class TestCrashDuringRotation:
     @pytest.mark.parametrize("point", ["rotated", "rotation_created"])
     def test_no_row_lost_or_doubled(
@@ -305,3 +359,37 @@ class TestUpgrade:
             writer(path, Clock())
         assert "processed_at,file,sha256\nx,y,z\n" == path.read_text()
         assert [] == rotated_files(path)
+
+
+BOM = "\ufeff".encode()
+
+
+class TestExcelSaved:
+    def test_file_with_a_bom_rotates_and_is_recovered_from(self, tmp_path: Path) -> None:
+        """A results.csv re-saved with a BOM rotates by its first row's month and is read in content order."""
+        path, clock = tmp_path / "results.csv", Clock()
+        writer(path, clock).append([row("jan", T0, claim="c1")])
+        path.write_bytes(BOM + path.read_bytes())  # Excel "CSV UTF-8"
+        december = tmp_path / "results-2025-12.csv"
+        writer(december, clock).append([row("dec", datetime(2025, 12, 20, tzinfo=timezone.utc), claim="c0")])
+        w = writer(path, clock)
+        clock.t = T0 + timedelta(days=3)
+        w.append([row("feb", clock.t, claim="c2")])
+        january = tmp_path / "results-2026-01.csv"
+        assert january.read_bytes().startswith(BOM)
+        early = datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp()
+        os.utime(january, (early, early))  # by mtime it would come first: its first row says otherwise
+        assert [december, january] == rotated_files(path)
+        assert ["feb"] == names(path)
+        assert ["jan"] == names(january)
+        found = find_rows(path, {"c1", "c2"}, "me", format_utc(T0 - timedelta(hours=1)))
+        assert {("c1", "jan"): "/processed/jan", ("c2", "feb"): "/processed/feb"} == found
+
+    def test_old_header_with_a_bom_is_upgraded(self, tmp_path: Path) -> None:
+        """An older version's file re-saved with a BOM is still renamed aside, not refused."""
+        path, clock = tmp_path / "results.csv", Clock(datetime(2026, 1, 2, tzinfo=timezone.utc))
+        data = BOM + old_version_file(path)
+        path.write_bytes(data)
+        writer(path, clock).append([row("new.jpg", clock.t)])
+        assert data == (tmp_path / "results-2025-12-upgraded.csv").read_bytes()
+        assert ["new.jpg"] == names(path)

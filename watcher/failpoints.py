@@ -64,6 +64,8 @@ def torn_write(fd: int, data: bytes) -> None:
             cut = max(1, len(data) // 2)
             if data[cut - 1 : cut] == b"\n":
                 cut += 1  # inside a row, not between two
+            elif data[cut : cut + 1] == b"\n":
+                cut -= 1  # nor a whole row short of its newline only (kept whole on restart)
             os.write(fd, data[:cut])
             os.fsync(fd)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -3,7 +3,9 @@
 The header is written once per file. Each batch's rows go out in one ``write`` on an
 ``O_APPEND`` descriptor under an exclusive ``flock`` (several instances may share one file),
 followed by ``fsync``. If a writer died mid-write, the torn last line is cut off, on open and
-before each append (another instance sharing the file may die while this one runs).
+before each append (another instance sharing the file may die while this one runs); the bytes
+cut are kept in a side file (``results.csv.torn-<UTC time>``). A last row that is whole but lacks
+its newline (an editor dropped it) gets the newline back instead.
 
 Cost does not grow with history: opening reads the header and the tail, an append reads what
 other instances wrote since our last one, and crash recovery (``find_rows``) reads backwards
@@ -18,7 +20,11 @@ under the same lock: the current file is renamed to ``results-YYYY-MM.csv`` (mon
 ``results-YYYY-MM-DD.csv`` (daily) or ``results-NNNN.csv`` (size) and a new file, header
 included, is linked into place (never an empty or half-written file under the current name).
 A file with an older version's header is renamed aside the same way (``-upgraded``), never
-rewritten. ``results*.csv``, sorted by name, reads oldest first with the current file last.
+rewritten. ``results*.csv``, sorted by name, reads oldest first with the current file last. The
+service itself orders rotated files by their first row's ``processed_at`` (retention, recovery):
+a file touched, re-saved or copied without ``-p`` gets a new mtime, never new rows.
+
+A file re-saved by Excel as "CSV UTF-8" starts with a byte order mark: every reader skips it.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ import csv
 import errno
 import fcntl
 import io
+import itertools
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -54,6 +61,8 @@ _REREAD_LIMIT = 1 << 20  # read since our last append only if others wrote less 
 _ROW_START = re.compile(rb'\n"[^",\n]')  # the end of one record and the start of the next
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T")
 _STALE_TMP_S = 3600.0
+_HEAD = 4096  # bytes read for a header line (and, when ordering rotated files, the first row)
+_BOM = "\ufeff"  # a UTF-8 byte order mark, decoded: Excel's "CSV UTF-8" starts the file with one
 
 
 @dataclass(frozen=True)
@@ -162,13 +171,43 @@ def _parse(data: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(text, newline="")))
 
 
-def _header_line(fd: int) -> tuple[str, int] | None:
-    """The first line of the file (stripped) and the offset after it; None if it has none."""
-    head = os.pread(fd, 4096, 0)
+def _split_header(head: bytes) -> tuple[str, int] | None:
+    """The first line of ``head`` (stripped, without a leading BOM) and the offset after it.
+
+    None if ``head`` holds no whole line. The BOM is dropped so that a file Excel re-saved as
+    "CSV UTF-8" keeps matching our header; the offset still counts its bytes.
+    """
     nl = head.find(b"\n")
     if nl < 0:
         return None
-    return head[:nl].decode("utf-8", errors="replace").strip(), nl + 1
+    return head[:nl].decode("utf-8", errors="replace").removeprefix(_BOM).strip(), nl + 1
+
+
+def _header_line(fd: int) -> tuple[str, int] | None:
+    """The first line of the file (stripped, BOM dropped) and the offset after it; None if none."""
+    return _split_header(os.pread(fd, _HEAD, 0))
+
+
+def _first_row_time(fd: int) -> datetime | None:
+    """The ``processed_at`` of the file's first complete row; None if there is no parsable one.
+
+    Reads the head of the file only: 4 KiB (header and a typical row), more only for a first
+    row longer than that, up to 1 MiB.
+    """
+    n = _HEAD
+    while True:
+        head = os.pread(fd, n, 0)
+        line = _split_header(head)
+        end = _first_complete_end(head[line[1] :]) if line else 0
+        if line and end:
+            columns = next(csv.reader([line[0]]), [])
+            records = _parse(head[line[1] : line[1] + end])
+            if "processed_at" not in columns or not records or len(records[0]) != len(columns):
+                return None
+            return _parse_utc(records[0][columns.index("processed_at")])
+        if len(head) < n or n >= _REREAD_LIMIT:
+            return None  # the whole file read, or a first row too long to bother
+        n = min(n * 16, _REREAD_LIMIT)
 
 
 def _record_start_before(fd: int, end: int, floor: int) -> int:
@@ -198,19 +237,56 @@ def _rotated_pattern(path: Path) -> re.Pattern[str]:
     return re.compile(rf"{re.escape(path.stem)}-{tag}(?:-upgraded)?(?:_\d+)?{re.escape(path.suffix)}")
 
 
-def rotated_files(path: Path) -> list[Path]:
-    """The rotated files of ``path`` (``results-….csv``), oldest first (last written, then name)."""
+def _written_at(entry: os.DirEntry[str]) -> datetime | None:
+    """When a rotated file's rows began: its first row's ``processed_at``, else its mtime.
+
+    The mtime is only a fallback (a file without a parsable row): touching, re-saving or
+    copying a file changes it, its rows never. None: the file is gone (retention by another
+    instance).
+    """
+    when = None
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO of that name: no hang
+    except FileNotFoundError:
+        return None
+    except OSError:
+        fd = -1  # unreadable (permissions, a folder): order it by its mtime
+    if fd >= 0:
+        try:
+            when = _first_row_time(fd)
+        except OSError:
+            when = None
+        finally:
+            os.close(fd)
+    if when is None:
+        try:
+            when = datetime.fromtimestamp(entry.stat(follow_symlinks=False).st_mtime, timezone.utc)
+        except FileNotFoundError:
+            return None
+    return when
+
+
+def _rotated_entries(path: Path) -> list[os.DirEntry[str]]:
+    """The directory entries of ``path``'s rotated files, in no order."""
     pattern = _rotated_pattern(path)
     try:
-        entries = [e for e in os.scandir(path.parent) if pattern.fullmatch(e.name)]
+        return [e for e in os.scandir(path.parent) if pattern.fullmatch(e.name)]
     except FileNotFoundError:
         return []
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated files of ``path`` (``results-….csv``), oldest first.
+
+    Ordered by the ``processed_at`` of each file's first row (its mtime when it has none), then
+    by name: retention deletes, and recovery reads last, the file whose rows are oldest, not
+    the one touched longest ago. Costs one small read of each file's head.
+    """
     found = []
-    for entry in entries:
-        try:
-            found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-        except FileNotFoundError:
-            continue  # deleted meanwhile (retention by another instance)
+    for entry in _rotated_entries(path):
+        when = _written_at(entry)
+        if when is not None:
+            found.append((when, entry.name))
     return [path.parent / name for _, name in sorted(found)]
 
 
@@ -223,26 +299,62 @@ def results_files(path: Path) -> list[Path]:
 # ---------------------------------------------------------------- writing
 
 
-def _create_with_header(path: Path) -> None:
-    """Put a file holding just the header at ``path``, unless one is there already.
+def _link_new_file(path: Path, data: bytes, names: Iterable[Path]) -> Path | None:
+    """Write ``data`` to the first of ``names`` not taken, whole or not at all; None: all taken.
 
-    Written under a hidden temporary name, fsynced, then linked: readers never see the
-    current name empty or half-written, and a file another instance created meanwhile is
-    never replaced.
+    Written under a hidden temporary name beside ``path`` (``_remove_stale_tmp`` clears one a
+    crash left), fsynced, then linked: nobody sees the new name empty or half-written, and a
+    file already there (another instance's) is never replaced.
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    linked = None
     try:
         try:
-            os.write(fd, _header())
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write to {tmp})")
             os.fsync(fd)
         finally:
             os.close(fd)
-        with suppress(FileExistsError):  # another instance created it meanwhile: theirs stays
-            os.link(tmp, path)
+        for name in names:
+            try:
+                os.link(tmp, name)
+            except FileExistsError:
+                continue
+            linked = name
+            break
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+    return linked
+
+
+def _create_with_header(path: Path) -> None:
+    """Put a file holding just the header at ``path``, unless one is there already.
+
+    Readers never see the current name empty or half-written, and a file another instance
+    created meanwhile stays (see ``_link_new_file``).
+    """
+    _link_new_file(path, _header(), [path])
+
+
+def _whole_record(tail: bytes) -> bool:
+    """True if ``tail`` (the bytes after the file's last newline) is a whole row bar its newline.
+
+    That is: one record of exactly ``len(COLUMNS)`` fields, not inside a quoted field, and
+    closed by a quote when it opens with one (our writer quotes every field, so a row of ours
+    cut just after a comma, with an empty last field, is refused). An editor's row with fields
+    quoted only where needed is accepted on its field count (we never write such rows, so none
+    is torn by us). A row of ours cut exactly between the two quotes of a ``""`` inside its last
+    field cannot be told from a whole one.
+    """
+    body = tail.removesuffix(b"\r")
+    if not body or body.count(b'"') % 2:
+        return False
+    if body.startswith(b'"') and not body.endswith(b'"'):
+        return False
+    records = _parse(body)
+    return len(records) == 1 and len(records[0]) == len(COLUMNS)
 
 
 class ResultsWriter:
@@ -343,8 +455,11 @@ class ResultsWriter:
     def _cut_torn_tail(self, fd: int, size: int) -> int:
         """Cut an incomplete last record (a writer died mid-write); returns the new size.
 
-        Reads what was appended since our last append when that is little, else from a record
-        start found near the end: never the whole file.
+        A last row that is whole and lacks only its newline (an editor saved the file) is a
+        record, not a torn line: it gets its newline back. Bytes that are cut are first kept in
+        a side file (``_keep_torn``): results.csv is the clinical record, nothing leaves it
+        unseen. Reads what was appended since our last append when that is little, else from a
+        record start found near the end: never the whole file.
         """
         good = self._good_end
         if 0 <= good <= size and size - good <= _REREAD_LIMIT:
@@ -354,17 +469,48 @@ class ResultsWriter:
         data = os.pread(fd, size - start, start)
         end = start + _last_complete_end(data)
         if end < size:
-            torn = data[end - start :]
-            os.ftruncate(fd, end)
-            os.fsync(fd)
-            log.warning(
-                "results_torn_line_removed",
-                path=str(self.path),
-                removed_bytes=len(torn),
-                removed=torn[:200].decode("utf-8", errors="replace"),
-            )
+            tail = data[end - start :]
+            if _whole_record(tail):
+                if os.write(fd, b"\n") != 1:  # O_APPEND: at the end, under our lock
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (adding a newline)")
+                os.fsync(fd)
+                end = size + 1
+                log.warning("results_newline_added", path=str(self.path), row_bytes=len(tail))
+            else:
+                kept = self._keep_torn(tail)
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+                log.warning(
+                    "results_torn_line_removed",
+                    path=str(self.path),
+                    removed_bytes=len(tail),
+                    kept_in=str(kept),
+                    removed=tail[:200].decode("utf-8", errors="replace"),
+                )
         self._good_end = end
         return end
+
+    def _keep_torn(self, torn: bytes) -> Path:
+        """Save bytes about to be cut to a new ``<results>.torn-<UTC time>[_N]`` file; its path.
+
+        Never overwrites (a second cut in the same second gets ``_2``), and the name does not end
+        in ``.csv``, so the ``results*.csv`` set stays whole rows. If the bytes cannot be kept,
+        nothing is cut: ReportError.
+        """
+        when = self.now()
+        if when.tzinfo is not None:
+            when = when.astimezone(timezone.utc)
+        base = f"{self.path.name}.torn-{when.strftime('%Y%m%dT%H%M%SZ')}"
+        names = (self.path.with_name(base if n == 1 else f"{base}_{n}") for n in itertools.count(1))
+        try:
+            kept = _link_new_file(self.path, torn, names)
+        except OSError as exc:
+            raise ReportError(
+                f"cannot keep the torn last line of {self.path} ({len(torn)} bytes) in a side file, "
+                f"so it was not cut: {exc.strerror or exc}"
+            ) from exc
+        assert kept is not None  # the names never run out
+        return kept
 
     # ------------------------------------------------------------ rotation
 
@@ -414,8 +560,8 @@ class ResultsWriter:
     def _next_counter(self) -> int:
         pattern = _rotated_pattern(self.path)
         numbers = [0]
-        for p in rotated_files(self.path):
-            m = pattern.fullmatch(p.name)
+        for entry in _rotated_entries(self.path):  # names only: no need to read the files
+            m = pattern.fullmatch(entry.name)
             if m and m.group("n"):
                 numbers.append(int(m.group("n")))
         return max(numbers) + 1
@@ -474,6 +620,7 @@ class ResultsWriter:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
+        """Delete all but the ``keep`` newest rotated files, newest by their rows (``rotated_files``)."""
         keep = self.cfg.keep
         if keep <= 0:
             return
@@ -557,7 +704,7 @@ def read_rows(path: Path) -> list[Mapping[str, str]]:
         return []
     data = path.read_bytes()
     data = data[: _last_complete_end(data)]
-    text = data.decode("utf-8", errors="surrogateescape")
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix(_BOM)
     return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
@@ -571,7 +718,8 @@ def find_rows(
 ) -> dict[tuple[str, str], str]:
     """``(claim, file) -> destination`` of this instance's rows for ``claims``, read from the end.
 
-    Reads ``path`` backwards in blocks, then the rotated files, newest first, and stops at
+    Reads ``path`` backwards in blocks, then the rotated files, newest first (by their first
+    row, ``rotated_files``: a touched old file is not read first), and stops at
     the first row that shows older rows cannot matter: a row of ``instance`` whose claim is
     not in ``claims`` and whose ``processed_at`` is before ``not_before`` (an instance writes
     its batches in order), or any instance's row more than ``others_slack_s`` before
