@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -14,11 +17,22 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import fixture_images
 from tests.harness import read_csv_both, run_once
-from watcher.config import Config
-from watcher.review import count_rows, newest_first, relative_href, render_page, safe_href, write_page
+from watcher import report
+from watcher.config import Config, ReportConfig, load_config
+from watcher.report import COLUMNS, ResultRow, ResultsWriter, format_utc
+from watcher.review import (
+    ReviewPage,
+    count_rows,
+    newest_first,
+    relative_href,
+    render_page,
+    safe_href,
+    write_page,
+)
 
 HOSTILE = "<script>alert(1)</script>\"'é.png"
 HOSTILE_NAME = "<script>alert(1)<script>\"'é 胸部.png"  # the same, as a file name (no slash)
@@ -62,6 +76,43 @@ def render(rows: list[dict[str, str]], **kw: Any) -> str:
         generated_at="2026-11-25T11:00:00Z",
         **kw,
     )
+
+
+NAME_BYTES = b"caf\xe9 <b>.jpeg"  # Latin-1 on disk: not UTF-8, so Python names it with a lone surrogate
+NAME = os.fsdecode(NAME_BYTES)  # 'caf\udce9 <b>.jpeg'
+
+
+def service_config(tmp_path: Path) -> Config:
+    """A real config.yaml with real folders (the page needs no model); results in results/."""
+    root = tmp_path / "svc"
+    for name in ("inbox", "processed", "failed", "model_store", "results"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    raw = {
+        "inbox": "inbox",
+        "processed": "processed",
+        "failed": "failed",
+        "results": "results/results.csv",
+        "model_store": "model_store",
+        "instance_id": "test",
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(raw))
+    return load_config(root / "config.yaml")
+
+
+def result_row(name: str, at: datetime, **over: str) -> ResultRow:
+    """A results.csv row as the daemon writes it."""
+    base = dict.fromkeys(COLUMNS, "")
+    base.update(processed_at=format_utc(at), file=name, sha256="ab" * 32, status="ok", label="NORMAL",
+                probability="0.1", threshold="0.5", model_version="v0002", destination=f"processed/{name}",
+                instance="test", claim=f"c-{name}")  # fmt: skip
+    base.update(over)
+    return ResultRow(**base)
+
+
+def png_bytes() -> bytes:
+    ok, buf = cv2.imencode(".png", np.full((16, 16, 3), 200, np.uint8))
+    assert ok
+    return buf.tobytes()
 
 
 class Cards(HTMLParser):
@@ -124,6 +175,50 @@ class TestRenderPage:
         write_page(tmp_path / "p.html", page)  # encodable as UTF-8
         assert "<bdi>bad" in (tmp_path / "p.html").read_text(encoding="utf-8")
 
+    def test_undecodable_name_links_to_its_file(self, tmp_path: Path) -> None:
+        """A name that is not UTF-8 (lone surrogates) renders: its heat-map link is the bytes on disk
+        (%E9) and resolves to the real file; name, warning and reason show as text, never raise."""
+        folder = os.path.join(os.fsencode(tmp_path), b"heatmaps", b"NORMAL")
+        os.makedirs(folder)
+        with open(os.path.join(folder, NAME_BYTES + b".png"), "wb") as f:
+            f.write(png_bytes())
+        ok = row(1, file=NAME, heatmap=f"heatmaps/NORMAL/{NAME}.png", warning=f"odd name {NAME} \ud800")
+        failed = row(2, status="failed", label="", file=NAME, error=f"cannot read {NAME}: \udfff")
+        page = render_page(
+            [ok, failed],
+            model=MODEL,
+            counts=count_rows([ok, failed]),
+            heatmap_href=lambda r: (
+                relative_href(tmp_path / r["heatmap"], tmp_path / "review.html") if r.get("heatmap") else None
+            ),
+            thumb_href=lambda r: None,
+            generated_at="2026-11-25T11:00:00Z",
+        )
+        cards = parse(page).cards
+        assert "heatmaps/NORMAL/caf%E9%20%3Cb%3E.jpeg.png" == cards[1]["imgs"][0]
+        on_disk = os.path.join(os.fsencode(tmp_path), urllib.parse.unquote_to_bytes(cards[1]["imgs"][0]))
+        assert os.path.isfile(on_disk)
+        assert (
+            "caf\ufffd <b>.jpeg" in cards[1]["text"]
+            and "odd name caf\ufffd <b>.jpeg \ufffd" in cards[1]["text"]
+        )
+        assert "cannot read caf\ufffd <b>.jpeg: \ufffd" in cards[0]["text"]
+        assert "<b>.jpeg" not in page and "caf\ufffd &lt;b&gt;.jpeg" in page
+        write_page(tmp_path / "review.html", page)  # encodable as UTF-8
+        assert page == (tmp_path / "review.html").read_text(encoding="utf-8")
+
+    def test_daemon_page_with_an_undecodable_name(self, tmp_path: Path) -> None:
+        """The daemon's page, seeded from a results.csv row (real writer) of such a name, is written,
+        with a link to the heat map that resolves; no review_page_failed."""
+        cfg = daemon_page_with_undecodable_name(tmp_path)
+        assert cfg.review_page is not None
+        page = cfg.review_page.read_text(encoding="utf-8")
+        cards = parse(page).cards
+        assert 1 == len(cards) and "caf\ufffd <b>.jpeg" in cards[0]["text"]
+        assert "../heatmaps/NORMAL/caf%E9%20%3Cb%3E.jpeg.png" == cards[0]["imgs"][0]
+        src = urllib.parse.unquote_to_bytes(cards[0]["imgs"][0])
+        assert os.path.isfile(os.path.join(os.fsencode(cfg.review_page.parent), src))
+
     def test_counts_and_model_figures_in_the_header(self) -> None:
         """The header shows each count and the version, threshold and validation figures."""
         rows = [row(1), row(2), row(3), row(4, status="failed", label="", error="truncated")]
@@ -145,6 +240,7 @@ class TestRenderPage:
             for c in cards
         ]
         assert "showing the 4 most recent of 7 rows" in render(rows, max_rows=4)
+        assert "showing the 7 most recent rows," in render(rows) and " of 7 " not in render(rows)
 
     def test_same_timestamp_keeps_file_order_reversed(self) -> None:
         """Rows with equal times: the later line in results.csv is newer."""
@@ -216,6 +312,98 @@ class TestRenderPage:
         assert target.read_text(encoding="utf-8").startswith("<!doctype html>")
         assert ["review.html"] == [p.name for p in target.parent.iterdir()]
         assert 0o644 == target.stat().st_mode & 0o777
+
+
+def daemon_page_with_undecodable_name(tmp_path: Path) -> Config:
+    """results.csv holding a row of ``NAME`` (real writer), its heat map on disk under its bytes, and
+    the daemon's page (``ReviewPage``) written from it; asserts the write logged no failure."""
+    from structlog.testing import capture_logs
+
+    cfg = service_config(tmp_path)
+    assert cfg.source is not None and cfg.review_page is not None
+    folder = os.path.join(os.fsencode(cfg.source.parent), b"heatmaps", b"NORMAL")
+    os.makedirs(folder)
+    with open(os.path.join(folder, NAME_BYTES + b".png"), "wb") as f:
+        f.write(png_bytes())
+    writer = ResultsWriter(cfg.results, ReportConfig()).open()
+    writer.append([result_row(NAME, datetime.now(timezone.utc), heatmap=f"heatmaps/NORMAL/{NAME}.png")])
+    writer.close()
+    with capture_logs() as logs:
+        ReviewPage(cfg.review_page, cfg, max_rows=cfg.review.max_rows).write(None)
+    assert [] == [e for e in logs if e["event"] == "review_page_failed"], logs
+    return cfg
+
+
+MONTHS = {"results-2026-01.csv": 30, "results-2026-02.csv": 4, "results.csv": 2}
+
+
+@pytest.fixture
+def rotated(tmp_path: Path) -> Config:
+    """A results set after two monthly rotations, written by the real writer: 30 rows in January,
+    4 in February, 2 in March (the current file)."""
+    cfg = service_config(tmp_path)
+    now = [datetime(2026, 1, 10, tzinfo=timezone.utc)]
+    writer = ResultsWriter(cfg.results, ReportConfig(rotate="monthly"), now=lambda: now[0]).open()
+    for month, n in zip((1, 2, 3), MONTHS.values(), strict=True):
+        for i in range(n):
+            now[0] = datetime(2026, month, 10, tzinfo=timezone.utc) + timedelta(minutes=i)
+            writer.append([result_row(f"m{month}-{i:02d}.jpeg", now[0])])
+    writer.close()
+    assert list(MONTHS) == [p.name for p in report.results_files(cfg.results)]
+    return cfg
+
+
+class TestDaemonPage:
+    def test_seeded_from_the_newest_rows_of_the_set(
+        self, rotated: Config, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """After a restart right after a rotation the page holds the newest max_rows rows of the
+        whole set (March's 2, February's 4, January's last 4), reading only the tails it needs."""
+        calls: list[tuple[str, int]] = []
+        real = report.tail_rows
+
+        def spy(path: Path, n: int) -> list[dict[str, str]]:
+            calls.append((path.name, n))
+            return real(path, n)
+
+        monkeypatch.setattr(report, "tail_rows", spy)
+        assert rotated.review_page is not None
+        page = ReviewPage(rotated.review_page, rotated, max_rows=10)
+        expected = [*(f"m1-{i:02d}.jpeg" for i in range(26, 30)), *(f"m2-{i:02d}.jpeg" for i in range(4))]
+        assert [*expected, "m3-00.jpeg", "m3-01.jpeg"] == [r["file"] for r in page.rows]
+        assert [("results.csv", 10), ("results-2026-02.csv", 8), ("results-2026-01.csv", 4)] == calls
+        page.write(None)
+        html_text = rotated.review_page.read_text(encoding="utf-8")
+        cards = parse(html_text).cards
+        assert 10 == len(cards)
+        assert "m3-01.jpeg" in cards[0]["text"] and "m1-26.jpeg" in cards[-1]["text"]
+
+    def test_counts_say_what_they_cover(self, rotated: Config) -> None:
+        """The header does not pass the rows in memory off as the total: it says the counts are of
+        the rows shown, and claims no 'N of N'."""
+        assert rotated.review_page is not None
+        ReviewPage(rotated.review_page, rotated, max_rows=10).write(None)
+        header = rotated.review_page.read_text(encoding="utf-8").split("<nav>")[0]
+        assert "showing the 10 most recent rows," in header
+        assert "<li>in the 10 rows shown:</li><li>total <b>10</b></li>" in header
+        assert " of 10 rows" not in header
+
+    def test_fewer_rows_than_max_reads_every_file(self, rotated: Config) -> None:
+        """A set smaller than max_rows: every row of every file, oldest first; max_rows 0: none."""
+        assert rotated.review_page is not None
+        page = ReviewPage(rotated.review_page, rotated, max_rows=200)
+        assert sum(MONTHS.values()) == len(page.rows)
+        assert "m1-00.jpeg" == page.rows[0]["file"] and "m3-01.jpeg" == page.rows[-1]["file"]
+        assert 0 == len(ReviewPage(rotated.review_page, rotated, max_rows=0).rows)
+
+    def test_no_results_yet(self, tmp_path: Path) -> None:
+        """No results.csv at all: an empty page, no error."""
+        cfg = service_config(tmp_path)
+        assert cfg.review_page is not None
+        page = ReviewPage(cfg.review_page, cfg, max_rows=10)
+        assert 0 == len(page.rows)
+        page.write(None)
+        assert "No files processed yet." in cfg.review_page.read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------ real browser
@@ -348,6 +536,24 @@ class TestInBrowser:
         assert 1 == result["scripts"]  # the harness only
         assert HOSTILE in result["files"]
         assert [] == console_lines(done.stderr)
+
+    def test_undecodable_name_loads_its_heat_map(self, tmp_path: Path) -> None:
+        """The daemon's page for a file name that is not UTF-8 loads the heat map in Chromium."""
+        cfg = daemon_page_with_undecodable_name(tmp_path)
+        assert cfg.review_page is not None
+        probe = cfg.review_page.read_text(encoding="utf-8")
+        probe = probe.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-t3st';", 1)
+        probe = probe.replace("</head>", HARNESS + "</head>", 1)
+        (cfg.review_page.parent / "probe.html").write_text(probe, encoding="utf-8")
+        done = chromium((cfg.review_page.parent / "probe.html").as_uri(), tmp_path / "profile", "--dump-dom")
+        found = re.search(r'<pre id="harness">(.*?)</pre>', done.stdout, re.S)
+        assert found, f"harness did not report; stderr: {done.stderr[-2000:]}"
+        import html as html_mod
+
+        result = json.loads(html_mod.unescape(found.group(1)))
+        assert [16] == result["images"]
+        assert [] == result["errors"]
+        assert ["caf\ufffd <b>.jpeg"] == result["files"]
 
     def test_screenshot(self, review_site: tuple[Path, list[dict[str, str]]], tmp_path: Path) -> None:
         """The real page renders to a 1280x2000 screenshot a person can look at; no console output."""

@@ -74,6 +74,37 @@ def lock_holder(cfg: Config) -> Iterator[subprocess.Popen[str]]:
     proc.stdout.close()
 
 
+@pytest.fixture
+def daemon_lock(cfg: Config) -> Iterator[subprocess.Popen[str]]:
+    """A separate process that takes the instance lock as the daemon does (``fsutil.try_lock``, then
+    its pid into the lock file, like ``service.InstanceLock``) and writes no state: a daemon loading
+    its model."""
+    lock = cfg.work_dir / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import os, sys; from pathlib import Path; from watcher.fsutil import try_lock\n"
+        "fd = try_lock(Path(sys.argv[1])); assert fd is not None\n"
+        "os.ftruncate(fd, 0); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+        "print('held', flush=True); sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert "held\n" == proc.stdout.readline()
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(10)
+    proc.stdout.close()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a daemon killed before the restart)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    return int(done.stdout)
+
+
 class TestStatusWriter:
     def test_round_trip(self, tmp_path: Path) -> None:
         """What is written is what is read; no temp file is left beside it."""
@@ -301,14 +332,73 @@ class TestCli:
     def test_pid_gone(
         self, cfg: Config, lock_holder: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """The lock is held but the state names a dead pid: not running, exit 1."""
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
-        pid = int(dead.stdout)
+        """The lock is held (no pid in the lock file) but the state names a dead pid: the state is an
+        earlier daemon's and the holder is starting: running, not healthy, exit 1."""
+        pid = dead_pid()
         status.StatusWriter(cfg.status_file).write(state_for(cfg, pid))
         assert 1 == status.cli_main(cfg, as_json=True)
         report = json.loads(capsys.readouterr().out)
-        assert (False, False) == (report["running"], report["healthy"])
-        assert f"pid {pid} in the state file is gone" in report["summary"]
+        assert (True, False) == (report["running"], report["healthy"])
+        assert report["summary"].startswith("starting: a process holds the instance lock and has not written")
+        assert f"the state file is an earlier daemon's (pid {pid}, gone)" in report["summary"]
+        assert (None, None, pid) == (report["lock_pid"], report["state"], report["stale_state"]["pid"])
+
+    def test_restarted_daemon_before_its_first_state(
+        self, cfg: Config, daemon_lock: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A daemon killed and restarted: the new one holds the lock (its pid in the lock file) and
+        loads its model; the state file is still the killed one's. Starting, not 'not running'."""
+        old = dead_pid()
+        status.StatusWriter(cfg.status_file).write(state_for(cfg, old, tick_age_s=20))
+        assert 1 == status.cli_main(cfg, as_json=True)
+        report = json.loads(capsys.readouterr().out)
+        assert (True, False) == (report["running"], report["healthy"])
+        assert daemon_lock.pid == report["lock_pid"]
+        assert re.match(
+            rf"starting: pid {daemon_lock.pid} holds the instance lock \(taken \d+ s ago\) and has not "
+            rf"written its state yet \(loading the model\?\); the state file is an earlier daemon's "
+            rf"\(pid {old}, gone\)$",
+            report["summary"],
+        ), report["summary"]
+        assert None is report["state"] and old == report["stale_state"]["pid"]
+
+        assert 1 == status.cli_main(cfg, as_json=False)
+        out = capsys.readouterr().out
+        assert "xray-watcher instance 'ward-a': running, NOT healthy" in out
+        assert f"  pid        {daemon_lock.pid}\n" in out
+        assert "1,234 ok" not in out  # no figures of the killed daemon
+
+    def test_state_pid_reused_by_another_process(
+        self, cfg: Config, daemon_lock: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The killed daemon's pid now belongs to an unrelated live process (here: this test) and its
+        last tick looks fresh: the lock file names the real holder, so starting, never healthy."""
+        status.StatusWriter(cfg.status_file).write(state_for(cfg, os.getpid(), tick_age_s=1))
+        assert 1 == status.cli_main(cfg, as_json=True)
+        report = json.loads(capsys.readouterr().out)
+        assert (True, False) == (report["running"], report["healthy"])
+        assert report["summary"].startswith(f"starting: pid {daemon_lock.pid} holds the instance lock")
+        assert f"(pid {os.getpid()}, not the lock holder)" in report["summary"]
+
+    def test_healthy_lock_holder_named_in_lock(
+        self, cfg: Config, daemon_lock: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The state is the lock holder's own (the pids agree) and fresh: healthy, exit 0."""
+        status.StatusWriter(cfg.status_file).write(state_for(cfg, daemon_lock.pid, tick_age_s=1))
+        assert 0 == status.cli_main(cfg, as_json=True)
+        report = json.loads(capsys.readouterr().out)
+        assert (True, True, daemon_lock.pid) == (report["running"], report["healthy"], report["lock_pid"])
+        assert daemon_lock.pid == report["state"]["pid"]
+
+    def test_starting_names_the_lock_holder(
+        self, cfg: Config, daemon_lock: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """No state file yet: the summary names the holder's pid and how long ago it took the lock."""
+        assert 1 == status.cli_main(cfg, as_json=True)
+        report = json.loads(capsys.readouterr().out)
+        assert (True, False) == (report["running"], report["healthy"])
+        expected = rf"starting: pid {daemon_lock.pid} holds the instance lock \(taken \d+ s ago\), no state"
+        assert re.match(expected, report["summary"]), report["summary"]
 
     def test_starting(
         self, cfg: Config, lock_holder: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]

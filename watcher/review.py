@@ -14,6 +14,7 @@ anything else is dropped.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import html
 import os
@@ -106,15 +107,25 @@ footer { padding: 0 20px 20px; color: #777; font-size: 12px; }
 """
 
 
+def _raw(s: str) -> bytes:
+    """The bytes ``s`` stands for, never raising.
+
+    A lone surrogate U+DC80..U+DCFF is an undecodable byte of a file name (``os.fsdecode``,
+    ``surrogateescape``) and becomes that byte; any other lone surrogate has no bytes on disk
+    and becomes its (invalid) UTF-8 form.
+    """
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return b"".join(
+            c.encode("utf-8", "surrogateescape" if "\udc80" <= c <= "\udcff" else "surrogatepass") for c in s
+        )
+
+
 def _text(value: object) -> str:
     """A printable, encodable string: undecodable bytes and control characters become U+FFFD."""
     s = "" if value is None else str(value)
-    try:  # lone surrogates: undecodable bytes of a file name (surrogateescape) or worse
-        raw = s.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = s.encode("utf-8", "surrogatepass")
-    s = raw.decode("utf-8", "replace")
-    return _CONTROL.sub("\ufffd", s)
+    return _CONTROL.sub("\ufffd", _raw(s).decode("utf-8", "replace"))
 
 
 def esc(value: object) -> str:
@@ -136,9 +147,13 @@ def safe_href(href: str | None) -> str | None:
 
 
 def relative_href(target: Path, page: Path) -> str:
-    """A percent-encoded relative URL from the page's folder to ``target`` (POSIX separators)."""
-    rel = os.path.relpath(target, page.parent)
-    return urllib.parse.quote(Path(rel).as_posix(), safe="/")
+    """A percent-encoded relative URL from the page's folder to ``target`` (POSIX separators).
+
+    The URL names the bytes on disk: an undecodable byte of a name (a lone surrogate, as
+    ``os.fsdecode`` gives it) becomes its own escape, e.g. ``caf\\udce9`` -> ``caf%E9``. Never raises.
+    """
+    rel = Path(os.path.relpath(target, page.parent)).as_posix()
+    return urllib.parse.quote(_raw(rel), safe="/")
 
 
 def count_rows(rows: Iterable[Row]) -> dict[str, int]:
@@ -254,6 +269,7 @@ def render_page(
     generated_at: str,
     max_rows: int = 200,
     title: str = "xray-watcher review",
+    counts_of: str = "",
 ) -> str:
     """The whole page as a string: header with counts and model figures, newest rows as cards.
 
@@ -262,11 +278,15 @@ def render_page(
         model: ``version``, ``threshold`` and ``validation`` (or ``metrics``) with
             ``roc_auc``, ``sensitivity``, ``specificity``, ``accuracy`` (metadata.json fits).
         counts: shown as is in the header, e.g. ``count_rows(all_rows)``.
+        counts_of: what ``counts`` cover, in words before them (e.g. "in the 200 rows shown:");
+            say so whenever they are not counts of every row ever processed.
         heatmap_href, thumb_href: a row's image URL relative to the page, or None; the heat
             map is preferred (its overlay already shows the radiograph).
     """
     shown = newest_first(rows, max_rows)
-    stats = "".join(f"<li>{esc(key)} <b>{esc(value)}</b></li>" for key, value in counts.items())
+    stats = f"<li>{esc(counts_of)}</li>" if counts_of else ""
+    stats += "".join(f"<li>{esc(key)} <b>{esc(value)}</b></li>" for key, value in counts.items())
+    of_rows = f" of {len(rows)}" if len(shown) < len(rows) else ""
     anchors = "".join(f'<span class="anchor" id="{fid}"></span>' for fid, _ in FILTERS)
     nav = '<a class="all" href="#all">all</a>' + "".join(
         f'<a class="f-{fid}" href="#{fid}">{name}</a>' for fid, name in FILTERS
@@ -287,7 +307,7 @@ def render_page(
 <body>
 <header id="all">
 <h1>{esc(title)}</h1>
-<p class="sub">Generated {esc(generated_at)} · showing the {len(shown)} most recent of {len(rows)} rows,
+<p class="sub">Generated {esc(generated_at)} · showing the {len(shown)} most recent{of_rows} rows,
 newest first. Heat maps show where the model found evidence for PNEUMONIA; they are a screening
 aid, not a diagnosis.</p>
 <ul class="stats">{stats}</ul>
@@ -310,24 +330,50 @@ def write_page(path: Path, page: str) -> None:
     atomic_write_text(path, page, mode=0o644)  # others open the page from a share
 
 
+def seed_rows(results: Path, max_rows: int) -> list[dict[str, str]]:
+    """The newest ``max_rows`` rows of the results set, oldest first, reading only tails.
+
+    results.csv first, then the rotated files newest first (``report.results_files``), until
+    ``max_rows`` rows are found: right after a rotation the new file holds only a few rows. A
+    file that cannot be read is logged and skipped (the page is a view, never a reason to stop).
+    """
+    from watcher.report import results_files, tail_rows
+
+    out: list[dict[str, str]] = []
+    try:
+        files = results_files(results)
+    except OSError as exc:
+        log.warning("review_seed_failed", path=str(results), error=f"{type(exc).__name__}: {exc}")
+        return out
+    for file in reversed(files):
+        need = max_rows - len(out)
+        if need <= 0:
+            break
+        try:
+            out = tail_rows(file, need) + out
+        except (OSError, ValueError, csv.Error) as exc:
+            log.warning("review_seed_failed", path=str(file), error=f"{type(exc).__name__}: {exc}")
+    return out
+
+
 class ReviewPage:
     """The daemon's review page: the newest rows in memory, rewritten at most every few seconds.
 
-    Seeded from the tail of results.csv at start-up (never the whole file); each batch adds
-    its rows; ``maybe_write`` renders and writes atomically when ``review.interval_s`` has
-    passed since the last write. A failure to write is logged, never raised: the page is a
-    view of results.csv, which stays the record.
+    Seeded at start-up with the newest ``max_rows`` rows of the results set (``seed_rows``:
+    the tails of results.csv and, after a rotation, of the rotated files before it; never a
+    whole file); each batch adds its rows; ``maybe_write`` renders and writes atomically when
+    ``review.interval_s`` has passed since the last write. A failure to write is logged, never
+    raised: the page is a view of results.csv, which stays the record. Its counts are of the
+    rows shown (true totals would mean reading every file whole).
     """
 
     def __init__(self, path: Path, cfg: Config, max_rows: int = 200) -> None:
         from collections import deque
 
-        from watcher.report import tail_rows
-
         self.path = path
         self.cfg = cfg
         self.base = cfg.source.parent if cfg.source is not None else Path.cwd()
-        self.rows: deque[dict[str, str]] = deque(tail_rows(cfg.results, max_rows), maxlen=max_rows)
+        self.rows: deque[dict[str, str]] = deque(seed_rows(cfg.results, max_rows), maxlen=max(max_rows, 0))
         self.interval_s = cfg.review.interval_s
         self._last_write = 0.0
         self._dirty = True
@@ -362,6 +408,7 @@ class ReviewPage:
                 thumb_href=lambda row: None,
                 generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                 max_rows=len(rows),
+                counts_of=f"in the {len(rows)} rows shown:",  # older rows are only in the results files
             )
             write_page(self.path, page)
         except Exception as exc:  # the page never stops the service

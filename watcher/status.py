@@ -2,8 +2,11 @@
 
 The daemon rewrites ``<inbox>/.xray-watcher/<instance>/status.json`` (``Config.status_file``)
 every tick with ``StatusWriter.write`` (temp file + rename: a reader never sees half a file).
-``xray-watcher status`` reads it back: a daemon is *running* when the pid in it is alive and
-the instance lock (``<work_dir>/lock``) is held, and *healthy* when its last tick is recent.
+``xray-watcher status`` reads it back: a daemon is *running* when the instance lock
+(``<work_dir>/lock``) is held, and *healthy* when the state file is the lock holder's (its pid
+alive and the one the holder wrote into the lock file) and its last tick is recent. A held lock
+with no state file, or with an earlier daemon's (a restart: the new one is loading its model),
+is *starting*: running, not yet healthy.
 ``summary_line`` is the one-line ``STATUS=`` shown by ``systemctl status``.
 """
 
@@ -289,6 +292,23 @@ def lock_held(lock: Path) -> bool | None:
         os.close(fd)
 
 
+def lock_pid(lock: Path) -> int | None:
+    """The pid the lock holder wrote into the lock file (``InstanceLock``: ``"<pid>\\n"``), if alive.
+
+    None when the file is missing, unreadable, empty (the holder has just truncated it) or names
+    no live process.
+    """
+    try:
+        with open(lock, "rb") as f:
+            text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    return pid if pid_alive(pid) else None
+
+
 def pid_alive(pid: object) -> bool:
     """Whether a process with this pid exists (one we may not signal counts)."""
     if not isinstance(pid, int) or pid <= 0:
@@ -313,8 +333,10 @@ def check(cfg: Config, now: float | None = None) -> dict[str, Any]:
         "healthy": False,
         "summary": "",
         "state": None,
+        "lock_pid": None,  # the lock holder's pid, from the lock file, when it is held and alive
     }
-    held = lock_held(cfg.work_dir / "lock")
+    lock = cfg.work_dir / "lock"
+    held = lock_held(lock)
     try:
         state: State | None = read_status(cfg.status_file)
     except FileNotFoundError:
@@ -329,16 +351,40 @@ def check(cfg: Config, now: float | None = None) -> dict[str, Any]:
     if not held:
         report["summary"] = "not running (the instance lock is free)"
         return report
+    report["lock_pid"] = holder = lock_pid(lock)
+    since = _lock_age(lock, now) if holder is not None else ""
+    by = (
+        f"pid {holder} holds the instance lock{since}"
+        if holder is not None
+        else "a process holds the instance lock"
+    )
     if state is None:
         report["running"] = True
-        report["summary"] = report["summary"] or "starting: no state file yet (loading the model?)"
+        report["summary"] = report["summary"] or f"starting: {by}, no state file yet (loading the model?)"
         return report
-    if not pid_alive(state.get("pid")):
-        report["summary"] = f"pid {state.get('pid')} in the state file is gone (is the lock held by another?)"
+    old_pid = state.get("pid")
+    if (holder is not None and holder != old_pid) or not pid_alive(old_pid):
+        # a restarted daemon before its first tick: the state file is its predecessor's
+        report["running"] = True
+        report["state"], report["stale_state"] = None, state
+        gone = "gone" if not pid_alive(old_pid) else "not the lock holder"
+        report["summary"] = (
+            f"starting: {by} and has not written its state yet (loading the model?); "
+            f"the state file is an earlier daemon's (pid {old_pid}, {gone})"
+        )
         return report
     report["running"] = True
     report["healthy"], report["summary"] = evaluate(state, now, stale_after(state))
     return report
+
+
+def _lock_age(lock: Path, now: float) -> str:
+    """`` (taken N s ago)``: when the holder wrote its pid into the lock (at start-up); "" if unknown."""
+    try:
+        taken = lock.stat().st_mtime
+    except OSError:
+        return ""
+    return f" (taken {_ago(now - taken)} ago)"
 
 
 def format_report(report: Mapping[str, Any], now: float) -> str:
@@ -378,6 +424,8 @@ def format_report(report: Mapping[str, Any], now: float) -> str:
             rows.append(("disk", f"{sizes}; {_bytes(disk.get('free_bytes'))} free"))
         rows.append(("version", str(state.get("version") or "?")))
         lines += [f"  {k:<11}{v}" for k, v in rows]
+    elif report["running"] and report.get("lock_pid") is not None:
+        lines.append(f"  {'pid':<11}{report['lock_pid']}")
     lines.append(f"  config     {report['config']}")
     return "\n".join(lines)
 
