@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -10,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.conftest import fixture_images
-from tests.harness import check_exactly_once, read_csv_both, run_once, sha
+from tests.harness import check_exactly_once, png_bytes, read_csv_both, run_once, sha
 from watcher.config import Config
 from watcher.filing import destination_root, folder_size, place, plan_destination
 
@@ -38,6 +39,45 @@ class TestFiling:
             names.append(dest.name)
         assert ["x.png", "x.1234abcd.png", "x.1234abcd-2.png"] == names
         assert b"first" == (root / "x.png").read_bytes()
+
+    def test_a_file_where_a_folder_is_needed_gets_the_folder_tagged(self, tmp_path: Path) -> None:
+        """`scan1` filed earlier as a file, then `scan1/img.jpeg`: the folder on the way gets
+        the hash (as a taken name does), so the planned path can be made; the same for a link
+        in the way and for a file planned at that path in the same batch."""
+        root, sha = tmp_path / "out", "1234abcd" + "0" * 56
+        root.mkdir()
+        (root / "scan1").write_bytes(b"an earlier file")
+        (root / "elsewhere").mkdir()
+        (root / "linked").symlink_to(root / "elsewhere")
+        for rel, taken, want in [
+            ("scan1/img.jpeg", (), "scan1.1234abcd/img.jpeg"),
+            ("linked/img.jpeg", (), "linked.1234abcd/img.jpeg"),
+            ("new/img.jpeg", {root / "new"}, "new.1234abcd/img.jpeg"),  # a file `new` planned
+            ("new", {root / "new" / "img.jpeg"}, "new.1234abcd"),  # a folder `new` planned
+            ("elsewhere/img.jpeg", (), "elsewhere/img.jpeg"),
+        ]:
+            dest = plan_destination(root, PurePosixPath(rel), sha, taken)
+            assert root / want == dest, rel
+        src = tmp_path / "img.jpeg"
+        src.write_bytes(b"x")
+        place(src, plan_destination(root, PurePosixPath("scan1/img.jpeg"), sha))
+        assert b"x" == (root / "scan1.1234abcd" / "img.jpeg").read_bytes()
+
+    def test_names_are_cut_to_fit_the_filesystem(self, tmp_path: Path) -> None:
+        """A 255-byte name taken: its hash-tagged name is cut to 255 bytes, not refused by the
+        filesystem (ENAMETOOLONG, a move retried for ever); a multi-byte name is cut between
+        characters."""
+        root, sha = tmp_path / "out", "1234abcd" + "0" * 56
+        root.mkdir()
+        for name in ("a" * 250 + ".jpeg", "é" * 125 + ".jpeg"):
+            (root / name).write_bytes(b"first")
+            dest = plan_destination(root, PurePosixPath(name), sha)
+            assert len(os.fsencode(dest.name)) <= 255 and dest.name.endswith(".1234abcd.jpeg")
+            assert dest.name == os.fsencode(dest.name).decode("utf-8")  # no character split
+            dest.write_bytes(b"second")
+            assert b"first" == (root / name).read_bytes()
+        heat = plan_destination(root, PurePosixPath("b" * 251 + ".png"), sha)  # a heat map's name
+        assert 255 == len(heat.name) and heat.name.endswith("b.png")
 
     def test_place_refuses_existing(self, tmp_path: Path) -> None:
         """place() raises rather than replace a file that appeared meanwhile."""
@@ -175,6 +215,55 @@ class TestOneNameTwiceInABatch:
             assert Path(row["destination"]).name in ("scan.jpeg", f"scan.{row['sha256'][:8]}.jpeg")
             assert Path(row["heatmap"]).name in ("scan.jpeg.png", f"scan.jpeg.{row['sha256'][:8]}.png")
             assert (site / row["heatmap"]).is_file()
+
+
+class TestRecoveryKeepsRowDestinations:
+    def test_a_fresh_file_never_takes_a_path_an_earlier_row_names(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """Killed after the rows of x.png, before its move; at the restart another claim of
+        x.png (no row) comes first and the recovery spans several batches: the fresh x.png
+        gets its hash, and each file ends where its row says."""
+        cfg = make_config()  # batches of 4
+        first = png_bytes(1, level=30)
+        (cfg.inbox / "x.png").write_bytes(first)
+        crashed = run_once(cfg, env={"XRAY_WATCHER_CRASH_AT": "rows_written"}, timeout=180)
+        assert crashed.returncode != 0
+        (row,) = read_csv_both(cfg.results)
+        assert cfg.processed / "NORMAL" / "x.png" == Path(row["destination"])
+        claim = cfg.work_dir / "claimed" / "00000000000000000000000000000000"  # sorted first
+        claim.mkdir()
+        originals = {sha(first): first}
+        for i, name in enumerate(["x.png"] + [f"y{i}.png" for i in range(6)]):
+            data = png_bytes(10 + i, level=30)
+            (claim / name).write_bytes(data)
+            originals[sha(data)] = data
+        proc = run_once(cfg, timeout=180)
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        check_exactly_once(cfg, originals)  # each file where its row says, once
+        assert '"destination_taken"' not in proc.stdout
+        assert first == (cfg.processed / "NORMAL" / "x.png").read_bytes()
+
+
+class TestAFileWhereAFolderIsNeeded:
+    def test_the_folder_gets_the_hash_and_the_run_ends(self, make_config: Callable[..., Config]) -> None:
+        """processed/NORMAL/scan1 is a file (an earlier file without extension) and
+        inbox/scan1/img.png comes: it is filed under scan1.<sha8>/, where its row says, and
+        run --once ends (it used to plan scan1/img.png and retry the move for ever)."""
+        cfg = make_config()
+        (cfg.processed / "NORMAL").mkdir()
+        (cfg.processed / "NORMAL" / "scan1").write_bytes(b"an earlier file")
+        data = png_bytes(3, level=30)  # dark: NORMAL
+        (cfg.inbox / "scan1").mkdir()
+        (cfg.inbox / "scan1" / "img.png").write_bytes(data)
+        proc = run_once(cfg, timeout=180)
+        assert 0 == proc.returncode, proc.stderr[-2000:]
+        (row,) = read_csv_both(cfg.results)
+        assert cfg.processed / "NORMAL" / f"scan1.{sha(data)[:8]}" / "img.png" == Path(row["destination"])
+        assert data == Path(row["destination"]).read_bytes()
+        assert b"an earlier file" == (cfg.processed / "NORMAL" / "scan1").read_bytes()
+        assert [] == [p for p in (cfg.work_dir / "claimed").rglob("*") if p.is_file()]  # none left claimed
+        assert not (cfg.inbox / "scan1" / "img.png").exists()
 
 
 class TestFolderSize:

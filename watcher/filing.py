@@ -18,7 +18,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Container
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -89,23 +89,54 @@ def folder_size(root: Path, budget_s: float = 2.0) -> FolderSize:
     return FolderSize(total, files, True, time.monotonic() - t0)
 
 
-def plan_destination(root: Path, rel: PurePosixPath, sha256: str, taken: Container[Path] = ()) -> Path:
-    """A path under ``root`` for ``rel`` that does not exist yet, nor is in ``taken`` (the
-    names already planned for others of the same batch)."""
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, tmpfs; NFS and SMB mounts alike)
 
-    def used(path: Path) -> bool:
-        return path in taken or os.path.lexists(path)
 
-    target = root.joinpath(*rel.parts)
-    if not used(target):
-        return target
-    stem, suffix = target.stem, target.suffix
-    tagged = target.with_name(f"{stem}.{sha256[:8]}{suffix}")
-    n = 2
-    while used(tagged):
-        tagged = target.with_name(f"{stem}.{sha256[:8]}-{n}{suffix}")
-        n += 1
-    return tagged
+def _fit(stem: str, suffix: str) -> str:
+    """``stem + suffix``, the stem cut so that the name fits ``NAME_MAX`` bytes (before a
+    UTF-8 continuation byte: a character is never split)."""
+    raw_stem, raw_suffix = os.fsencode(stem), os.fsencode(suffix)
+    cut = NAME_MAX - len(raw_suffix)
+    if len(raw_stem) <= cut:
+        return stem + suffix
+    while cut > 1 and raw_stem[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return os.fsdecode(raw_stem[: max(1, cut)]) + suffix
+
+
+def plan_destination(root: Path, rel: PurePosixPath, sha256: str, taken: Collection[Path] = ()) -> Path:
+    """A path under ``root`` for ``rel`` that can be created: it does not exist yet, is not in
+    ``taken`` (the paths already planned for others of the same batch, or recovered rows not yet
+    filed) nor a folder of one, and each folder on the way is a folder or can be made one.
+
+    A name that is taken gets the file's hash (``name.<sha8>.ext``, then ``-2``...); so does a
+    folder on the way where a file (or a link) sits, or a planned file would; a name cut to
+    fit ``NAME_MAX`` bytes. So a row never names a path that its file can never be given.
+    """
+    tag = sha256[:8] or "0" * 8
+
+    def blocks(path: Path, as_folder: bool) -> bool:
+        if any(t == path or (not as_folder and path in t.parents) for t in taken):
+            return True
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):  # the latter: root itself is blocked
+            return False  # (a file where our own label folder should be: the move says so)
+        return not (as_folder and stat.S_ISDIR(st.st_mode))
+
+    def free(parent: Path, name: str, as_folder: bool) -> Path:
+        stem, suffix = (name, "") if as_folder else (PurePosixPath(name).stem, PurePosixPath(name).suffix)
+        candidate = parent / _fit(stem, suffix)
+        n = 1
+        while blocks(candidate, as_folder):
+            candidate = parent / _fit(stem, f".{tag}{'' if n == 1 else f'-{n}'}{suffix}")
+            n += 1
+        return candidate
+
+    folder = root
+    for part in rel.parts[:-1]:
+        folder = free(folder, part, as_folder=True)
+    return free(folder, rel.parts[-1], as_folder=False)
 
 
 def link_into(src: Path, dest: Path) -> None:
