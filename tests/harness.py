@@ -233,12 +233,20 @@ def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
 class Daemon:
     """A real `python -m watcher run` subprocess with its JSON log lines."""
 
-    def __init__(self, cfg: Config, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: Config, env: dict[str, str] | None = None, once: bool = False) -> None:
         self.cfg = cfg
         self.lines: list[dict[str, object]] = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run", "--config", str(cfg.source)],
+            [
+                sys.executable,
+                "-m",
+                "watcher",
+                "run",
+                "--config",
+                str(cfg.source),
+                *(["--once"] if once else []),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -98,6 +98,21 @@ class TestDestinationNotWritable:
         rows = check_exactly_once(cfg, originals)
         assert {"NORMAL"} == {r["label"] for r in rows}
 
+    def test_sigterm_ends_run_once_stuck_on_a_move(self, make_config: Callable[..., Config]) -> None:
+        """run --once whose files cannot be moved (processed/NORMAL is a file): its main thread
+        waits for the reporter's retries, and SIGTERM there still stops it: exit 1, the files
+        left claimed for the next start (it used to retry until SIGKILL)."""
+        cfg = make_config(ingest={"settle_ms": 100})
+        (cfg.processed / "NORMAL").write_text("a file where the folder should be")
+        drop_all(cfg, {f"n{i}.png": png_bytes(i, level=30) for i in range(3)})  # dark: NORMAL
+        d = Daemon(cfg, once=True)
+        try:
+            wait_for(lambda: len(d.events("file_move_failed")) >= 2, 120, "two failed moves")
+        finally:
+            rc = d.stop()
+        assert 1 == rc
+        assert 3 == len(claimed_files(cfg))
+
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:

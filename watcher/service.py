@@ -400,6 +400,9 @@ class Service:
         self._ping_every = systemd.watchdog_interval_s()  # None when systemd asked for no watchdog
         self._last_ping = 0.0
         self._recovered: list[Item] = []
+        # destinations that rows already name and whose files are still to be moved there
+        # (recovery): no fresh file may plan one, whichever batch each lands in (reporter only)
+        self._owed: set[Path] = set()
         self._bad_versions: set[str] = set()
         self._last_model_check = time.monotonic()
         self.counts = {"ok": 0, "failed": 0, "batches": 0, "recovered": 0, "warnings": 0}
@@ -560,6 +563,7 @@ class Service:
                 self._recovered.append(item)
         if not self._recovered:
             return
+        self._owed = {Path(i.known_destination) for i in self._recovered if i.known_destination}
         self.counts["recovered"] = len(self._recovered)
         log.warning(
             "recovering_claimed_files",
@@ -576,6 +580,11 @@ class Service:
             return None
         if _through_link(self.cfg.inbox, path):
             log.warning("claim_refused_link_folder", file=str(rel), reason="a folder on its path is a link")
+            return None
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):  # a folder that took a file's name since it was seen
+                return None  # (its files are files of their own, found by the scan)
+        except FileNotFoundError:
             return None
         target = claim_dir.joinpath(*rel.parts)
         if os.path.lexists(target):  # the same name twice in one batch: a claim of its own
@@ -762,7 +771,9 @@ class Service:
                 held = self._hand_over_after(held, self._infer(items, held))
         finally:
             self._hand_over(None)
-            reporter.join()
+            while reporter.is_alive():  # signals are taken here too: a SIGTERM during a fault
+                reporter.join(timeout=0.2)  # the reporter retries (a stuck move) still stops it
+                self._keep_alive()
         if self._reporter_error is not None:
             raise self._reporter_error
 
@@ -1037,7 +1048,7 @@ class Service:
         n_warnings = 0
         # two files of one name in a batch (claimed apart) must not plan the same destination:
         # the second would be moved elsewhere, and its row would name the first one's file
-        planned = {Path(i.known_destination) for i in items if i.known_destination}
+        planned = self._owed | {Path(i.known_destination) for i in items if i.known_destination}
         for item in fresh:
             now = datetime.now(timezone.utc)
             pred = scored.get(id(item))
@@ -1080,6 +1091,7 @@ class Service:
         self._retry("results_append_failed", lambda: self.results.append(rows))
         failpoints.hit("rows_written")
         self._place_all(moves)
+        self._owed -= {Path(i.known_destination) for i in items if i.known_destination}
         n_ok = sum(1 for r in rows if r.status == "ok")
         self._last_batch_at = time.time()
         self.metrics.observe_batch(
