@@ -95,6 +95,85 @@ class TestLoadConfig:
         with pytest.raises(ConfigError, match="'processed' must not be inside the inbox"):
             load_config(tmp_path / "c.yaml")
 
+    @pytest.mark.parametrize(
+        ("old", "new", "key"),
+        [
+            ("failed: failed", "failed: inbox/.out", "failed"),
+            ("results: results.csv", "results: inbox/results.csv", "results"),
+            ("results: results.csv", "results: inbox/.out/results.csv", "results"),
+            ("results: results.csv", "results: inbox/sub/../results.csv", "results"),
+            (
+                "model_store: model_store",
+                "model_store: model_store\nreview: {page: inbox/review.html}",
+                "review.page",
+            ),
+            (
+                "model_store: model_store",
+                "model_store: model_store\nreview: {page: {inbox}/.r/p.html}",
+                "review.page",
+            ),
+            (
+                "model_store: model_store",
+                "model_store: model_store\nexplain: {enabled: true, folder: inbox/heatmaps}",
+                "explain.folder",
+            ),
+            (
+                "model_store: model_store",
+                "model_store: model_store\nexplain: {enabled: true, folder: inbox/.heatmaps}",
+                "explain.folder",
+            ),
+            (
+                "model_store: model_store",
+                "model_store: model_store\nexplain: {enabled: true, folder: '{inbox}'}",
+                "explain.folder",
+            ),
+            (
+                "model_store: model_store",
+                "model_store: model_store\nexplain: {enabled: true, folder: link/heatmaps}",
+                "explain.folder",
+            ),
+        ],
+    )
+    def test_outputs_inside_inbox_are_refused(self, tmp_path: Path, old: str, new: str, key: str) -> None:
+        """Anything the daemon writes inside the inbox (hidden folders too, or reached through a
+        link) would be picked up again: heat maps, results, the review page, failed files."""
+        _layout(tmp_path)
+        (tmp_path / "inbox" / ".out").mkdir()
+        (tmp_path / "inbox" / "sub").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "inbox")
+        text = BASE.replace(old, new.replace("{inbox}", str(tmp_path / "inbox")))
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=f"key '{key}' must not be inside the inbox") as info:
+            load_config(tmp_path / "c.yaml")
+        assert "taken again" in str(info.value)
+
+    def test_heatmaps_inside_inbox_allowed_when_explain_is_off(self, tmp_path: Path) -> None:
+        """With explain off nothing is written to explain.folder, so its place does not matter."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE + "explain: {enabled: false, folder: inbox/heatmaps}\n")
+        cfg = load_config(tmp_path / "c.yaml")
+        assert tmp_path / "inbox" / "heatmaps" == cfg.explain.folder
+
+    def test_outputs_beside_inbox_sharing_its_prefix_are_allowed(self, tmp_path: Path) -> None:
+        """Paths are compared by parts: /x/in and /x/inbox2/... are different folders."""
+        for name in ("in", "inbox2", "inbox2/processed", "inbox2/failed", "model_store"):
+            (tmp_path / name).mkdir()
+        (tmp_path / "c.yaml").write_text(
+            "inbox: in\nprocessed: inbox2/processed\nfailed: inbox2/failed\nresults: inbox2/results.csv\n"
+            "model_store: model_store\nexplain: {enabled: true, folder: inbox2/heatmaps}\n"
+            f"review: {{page: {tmp_path / 'in2.html'}}}\n"
+        )
+        cfg = load_config(tmp_path / "c.yaml")
+        assert tmp_path / "inbox2" / "heatmaps" == cfg.explain.folder
+        assert tmp_path / "inbox2" / "results.csv" == cfg.results
+        assert tmp_path / "in2.html" == cfg.review_page
+
+    def test_default_heatmap_folder_resolves_against_config_folder(self, tmp_path: Path) -> None:
+        """explain.folder left out is heatmaps/ beside the config file, outside the inbox: it loads."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE + "explain: {enabled: true}\n")
+        assert tmp_path / "heatmaps" == load_config(tmp_path / "c.yaml").explain.folder
+
     def test_not_yaml(self, tmp_path: Path) -> None:
         """Broken YAML is a ConfigError, not a traceback."""
         (tmp_path / "c.yaml").write_text("inbox: [unclosed\n")

@@ -296,11 +296,31 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{source}: key 'results' is in a folder that does not exist: {cfg.results.parent}")
     if cfg.results.is_dir():
         raise ConfigError(f"{source}: key 'results' must name a file, not a folder: {cfg.results}")
+    explain_folder = cfg.explain.folder.expanduser()
+    if not explain_folder.is_absolute():
+        explain_folder = source.parent / explain_folder
+    # Nothing the daemon writes may land under the inbox, not even in a hidden folder: its own
+    # outputs would come back as new inbox files, again and again. Compared by resolved path
+    # parts, so a sibling that merely shares a prefix (/srv/in and /srv/inbox2) is fine.
     inbox = cfg.inbox.resolve()
-    for key in ("processed", "failed"):
-        dest = getattr(cfg, key).resolve()
+    outputs: list[tuple[str, Path, str]] = [
+        ("processed", cfg.processed, "the scored files"),
+        ("failed", cfg.failed, "the unreadable files"),
+        # results.csv, its rotated files and their temporary files are all written beside it
+        ("results", cfg.results.parent, "results.csv and its rotated files"),
+    ]
+    page = cfg.review_page
+    if page is not None:
+        outputs.append(("review.page", page.parent, "the review page"))
+    if cfg.explain.enabled:
+        outputs.append(("explain.folder", explain_folder, "the heat-map PNGs"))
+    for key, dest_path, what in outputs:
+        dest = dest_path.resolve()
         if dest == inbox or inbox in dest.parents:
-            raise ConfigError(f"{source}: key '{key}' must not be inside the inbox ({inbox})")
+            raise ConfigError(
+                f"{source}: key '{key}' must not be inside the inbox ({inbox}): the daemon writes {what}"
+                " there, and what it writes inside the inbox can be taken again as new files"
+            )
     for key in ("listener.port", "metrics.port"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) > 65535:
@@ -312,13 +332,10 @@ def load_config(path: str | Path) -> Config:
     instance = cfg.instance_id or socket.gethostname() or "local"
     if "/" in instance or instance.startswith("."):
         raise ConfigError(f"{source}: key 'instance_id' must be a plain name, got {instance!r}")
-    folder = cfg.explain.folder.expanduser()
-    if not folder.is_absolute():
-        folder = source.parent / folder
     return dataclasses.replace(
         cfg,
         ingest=dataclasses.replace(cfg.ingest, extensions=exts),
-        explain=dataclasses.replace(cfg.explain, folder=folder),
+        explain=dataclasses.replace(cfg.explain, folder=explain_folder),
         instance_id=instance,
         source=source,
     )
