@@ -53,15 +53,9 @@ def state_for(cfg: Config, pid: int, tick_age_s: float = 0.0, **extra: object) -
     return {**state, "pid": pid, **extra}
 
 
-@pytest.fixture
-def lock_holder(cfg: Config) -> Iterator[subprocess.Popen[str]]:
-    """A separate process holding the instance lock exclusively, as a running daemon does."""
-    lock = cfg.work_dir / "lock"
+def _holding(lock: Path, code: str) -> Iterator[subprocess.Popen[str]]:
+    """A separate process running ``code`` (which takes ``lock`` and prints 'held'), until we end it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
-        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
-    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -72,6 +66,16 @@ def lock_holder(cfg: Config) -> Iterator[subprocess.Popen[str]]:
     proc.stdin.close()
     proc.wait(10)
     proc.stdout.close()
+
+
+@pytest.fixture
+def lock_holder(cfg: Config) -> Iterator[subprocess.Popen[str]]:
+    """A separate process holding the instance lock exclusively, as a running daemon does."""
+    yield from _holding(
+        cfg.work_dir / "lock",
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+    )
 
 
 @pytest.fixture
@@ -79,24 +83,13 @@ def daemon_lock(cfg: Config) -> Iterator[subprocess.Popen[str]]:
     """A separate process that takes the instance lock as the daemon does (``fsutil.try_lock``, then
     its pid into the lock file, like ``service.InstanceLock``) and writes no state: a daemon loading
     its model."""
-    lock = cfg.work_dir / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    code = (
+    yield from _holding(
+        cfg.work_dir / "lock",
         "import os, sys; from pathlib import Path; from watcher.fsutil import try_lock\n"
         "fd = try_lock(Path(sys.argv[1])); assert fd is not None\n"
         "os.ftruncate(fd, 0); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
-        "print('held', flush=True); sys.stdin.read()\n"
+        "print('held', flush=True); sys.stdin.read()\n",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    assert "held\n" == proc.stdout.readline()
-    yield proc
-    assert proc.stdin is not None
-    proc.stdin.close()
-    proc.wait(10)
-    proc.stdout.close()
 
 
 def dead_pid() -> int:
