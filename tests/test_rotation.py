@@ -98,6 +98,41 @@ class TestTimeRotation:
         assert ["a", "b", "c", "d", "e"] == all_names(path)
         assert [rotated, path] == results_files(path)
 
+    @pytest.mark.parametrize("first", ["spreadsheet date", "older instance's row"])
+    def test_a_first_row_edited_or_of_an_older_version_still_rotates(
+        self, tmp_path: Path, first: str
+    ) -> None:
+        """A first row whose processed_at a spreadsheet re-saved with a space, or a first row of
+        fewer columns (an instance not yet upgraded shares the file): the month is still read,
+        and the file rotates (it used to stay, silently, for good)."""
+        path, clock = tmp_path / "results.csv", Clock()
+        writer(path, clock).append([row("a", T0)])
+        lines = path.read_text().splitlines(keepends=True)
+        if first == "spreadsheet date":
+            lines[1] = lines[1].replace(format_utc(T0), T0.strftime("%Y-%m-%d %H:%M:%S"), 1)
+        else:
+            lines[1] = ",".join(lines[1].rstrip("\n").split(",")[:15]) + "\n"
+        path.write_text("".join(lines))
+        clock.t = datetime(2026, 2, 1, 0, 0, 1, tzinfo=timezone.utc)
+        w = writer(path, clock)
+        with capture_logs() as logs:
+            w.append([row("b", clock.t)])
+        assert [tmp_path / "results-2026-01.csv"] == rotated_files(path)
+        assert ["b"] == names(path)
+        assert [] == [e for e in logs if e["event"] == "results_rotation_skipped"]
+
+    def test_a_first_row_without_a_date_is_said_not_silent(self, tmp_path: Path) -> None:
+        """No date and time in the first row at all: no rotation, and a warning says why."""
+        path, clock = tmp_path / "results.csv", Clock()
+        writer(path, clock).append([row("a", T0)])
+        path.write_text(path.read_text().replace(format_utc(T0), "yesterday", 1))
+        clock.t = datetime(2026, 2, 1, 0, 0, 1, tzinfo=timezone.utc)
+        with capture_logs() as logs:
+            writer(path, clock).append([row("b", clock.t)])
+        assert [] == rotated_files(path)
+        (event,) = [e for e in logs if e["event"] == "results_rotation_skipped"]
+        assert "'yesterday'" in event["reason"]
+
     def test_daily(self, tmp_path: Path) -> None:
         """Daily: one file per UTC day, named after the day of its first row."""
         path, clock = tmp_path / "results.csv", Clock()

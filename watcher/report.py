@@ -59,7 +59,7 @@ log = structlog.get_logger()
 _BLOCK = 64 << 10  # bytes read per step when scanning backwards
 _REREAD_LIMIT = 1 << 20  # read since our last append only if others wrote less than this
 _ROW_START = re.compile(rb'\n"[^",\n]')  # the end of one record and the start of the next
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]")  # a space: a spreadsheet re-saved the file
 _STALE_TMP_S = 3600.0
 _HEAD = 4096  # bytes read for a header line (and, when ordering rotated files, the first row)
 _BOM = "\ufeff"  # a UTF-8 byte order mark, decoded: Excel's "CSV UTF-8" starts the file with one
@@ -532,8 +532,16 @@ class ResultsWriter:
             n *= 4
         if row is None:
             return None  # no rows yet: nothing to rotate, and not cached
-        when = _parse_utc(row[COLUMNS.index("processed_at")]) if len(row) == len(COLUMNS) else None
+        # processed_at is the first column in every version's rows (an instance not yet upgraded
+        # may share the file)
+        when = _parse_utc(row[0]) if row else None
         period = _period(when, mode)
+        if period is None:
+            log.warning(
+                "results_rotation_skipped",
+                path=str(self.path),
+                reason=f"the first row's processed_at {row[0][:40] if row else ''!r} is not a date and time",
+            )
         self._first_period[mode] = period
         return period
 
