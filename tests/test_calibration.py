@@ -202,6 +202,33 @@ class TestCalibrateSite:
         assert "lower bound" in text and "125" in text
         assert model_store.read_metadata(store, version)["site_calibration"]["warnings"]
 
+    def test_copies_are_counted_once_and_an_image_in_both_classes_refused(
+        self, sample: Path, tmp_path: Path, calibrated: tuple[Path, str]
+    ) -> None:
+        """19 NORMAL images plus a copy of one under another name is 19, not 20: refused (a
+        copy would also sit in two folds); one image in NORMAL/ and PNEUMONIA/ is refused with
+        both names; an unreadable file is skipped. Nothing is published."""
+        store, _ = calibrated
+        before = model_store.list_versions(store)
+        copies = tmp_path / "copies"
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (copies / cls).mkdir(parents=True)
+            for f in sorted((sample / cls).glob("*.jpeg"))[: 19 if cls == "NORMAL" else 20]:
+                shutil.copy(f, copies / cls / f.name)
+        first = sorted((copies / "NORMAL").glob("*.jpeg"))[0]
+        shutil.copy(first, copies / "NORMAL" / "again.jpeg")
+        (copies / "NORMAL" / "locked.jpeg").symlink_to("/proc/self/mem")  # read() fails: EIO
+        with pytest.raises(EvaluationError, match="at least 20 per class"):
+            site.calibrate_site(copies, store, "v0002")
+        both = tmp_path / "both"
+        shutil.copytree(sample, both)
+        shutil.copy(sorted((both / "NORMAL").glob("*.jpeg"))[3], both / "PNEUMONIA" / "mislabelled.jpeg")
+        with pytest.raises(
+            EvaluationError, match=r"the same image is both NORMAL and PNEUMONIA: .*mislabelled\.jpeg"
+        ):
+            site.calibrate_site(both, store, "v0002")
+        assert before == model_store.list_versions(store)
+
     def test_refuses_small_sample(self, sample: Path, tmp_path: Path, calibrated: tuple[Path, str]) -> None:
         """19 images of a class is a clear error (exit 1 from the CLI); nothing is published."""
         store, _ = calibrated

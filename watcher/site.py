@@ -70,18 +70,39 @@ def _load(data: Path, predictor: Any) -> dict[str, Any]:
     if problem:
         raise EvaluationError(problem)
     inputs, labels, groups, files, skipped = [], [], [], [], []
+    seen: dict[str, tuple[int, str]] = {}  # sha256 -> (label, file) of its first copy
+
+    def skip(path: Path, error: str) -> None:
+        log.warning("calibrate_file_skipped", file=str(path), error=error)
+        skipped.append({"file": str(path.relative_to(data)), "error": error})
+
     for s in list_samples(data):
-        raw = s.path.read_bytes()
+        rel = s.path.relative_to(data).as_posix()
+        try:
+            raw = s.path.read_bytes()
+        except OSError as exc:  # unreadable by this user, or gone: skipped like an undecodable file
+            skip(s.path, f"cannot read: {exc.strerror or exc}")
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest in seen:
+            label, first = seen[digest]
+            if label != s.label:  # one image labelled both ways: the sample cannot be trusted
+                raise EvaluationError(
+                    f"the same image is both {CLASS_NAMES[label]} and {CLASS_NAMES[s.label]}: {first} and "
+                    f"{rel} (sha256 {digest[:12]}); fix the sample's labels"
+                )
+            skip(s.path, f"a copy of {first}: counted once")  # a copy would leak across the folds
+            continue
+        seen[digest] = (s.label, rel)
         try:
             inputs.append(preprocess(decode_bytes(raw), predictor.spec))
         except DecodeError as exc:
-            log.warning("calibrate_file_skipped", file=str(s.path), error=str(exc))
-            skipped.append({"file": str(s.path.relative_to(data)), "error": str(exc)})
+            skip(s.path, str(exc))
             continue
         labels.append(s.label)
         key = patient_key(s.path.name)
         groups.append(f"{s.label}/{key.group}")
-        files.append({"file": s.path.relative_to(data).as_posix(), "sha256": hashlib.sha256(raw).hexdigest()})
+        files.append({"file": rel, "sha256": digest})
     return {
         "x": np.stack(inputs).astype(np.float32) if inputs else np.zeros((0, 1, 1, 1), np.float32),
         "y": np.asarray(labels, dtype=np.int64),
