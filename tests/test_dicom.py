@@ -459,7 +459,10 @@ class TestRefusals:
         keep = len(frame) // 2
         frame = frame[:keep] if damage == "truncated" else frame[:16] + b"\0" * (len(frame) - 16)
         ds.PixelData = encapsulate([_even(frame)])
-        with pytest.raises(DecodeError, match=r"DICOM pixel data \(.+\) (could not be decoded|ends before)"):
+        with pytest.raises(
+            DecodeError,
+            match=r"DICOM pixel data \(.+\) (could not be decoded|ends before|declares no image size)",
+        ):
             decode(to_bytes(ds))
 
     def test_native_pixel_data_too_short(self) -> None:
@@ -479,6 +482,17 @@ class TestRefusals:
         """A codestream declaring more pixels than the header (a bomb) is refused before decoding."""
         ds = in_syntax(make_dataset(GREY12, 12), syntax, GREY12)
         ds.Rows = ds.Columns = 16  # the header lies; the codestream says 224x224
+        with pytest.raises(DecodeError, match="codestream declares 224x224 = 50,176 pixels"):
+            decode(to_bytes(ds), max_pixels=1000)
+
+    @pytest.mark.parametrize("syntax", [uid.JPEG2000Lossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless])
+    def test_max_pixels_codestream_split_after_its_start_marker(self, syntax: uid.UID) -> None:
+        """The same bomb with its codestream split into fragments right after the start marker
+        (the size is in the second one): still refused before decoding (it was decoded in full)."""
+        ds = in_syntax(make_dataset(GREY12, 12), syntax, GREY12)
+        ds.Rows = ds.Columns = 16
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+        ds.PixelData = encapsulate([frame[:2], frame[2:]], has_bot=True)
         with pytest.raises(DecodeError, match="codestream declares 224x224 = 50,176 pixels"):
             decode(to_bytes(ds), max_pixels=1000)
 

@@ -299,6 +299,9 @@ def _refusal(ds: Dataset, accept_any_body_part: bool) -> str:
     return ""
 
 
+_SIZE_SEARCH = 1 << 20  # bytes of a codestream searched for its declared size (SOF, SIZ)
+
+
 def _codestream_size(fragment: bytes, syntax: UID) -> tuple[int, int] | None:
     """(width, height) declared by a JPEG, JPEG-LS or JPEG 2000 codestream, if found."""
     if syntax in pydicom.uid.JPEG2000TransferSyntaxes:
@@ -349,9 +352,21 @@ def _check_size(ds: Dataset, max_pixels: int) -> None:
             raise DecodeError(f"DICOM encapsulated pixel data is damaged: {exc}") from exc
         if not fragments or not fragments[0]:
             raise DecodeError(f"DICOM encapsulated pixel data ({syntax.name}) holds no codestream")
-        declared = _codestream_size(fragments[0], syntax)
+        # the size is looked for in the stream's first bytes across fragments: a stream split
+        # right after its start marker must not hide a 20000 x 20000 image behind a 64 x 64 header
+        head = bytearray()
+        for fragment in fragments:
+            head += fragment[: _SIZE_SEARCH - len(head)]
+            if len(head) >= _SIZE_SEARCH:
+                break
+        declared = _codestream_size(bytes(head), syntax)
         if declared is not None:
             sizes.append((*declared, f"{syntax.name} codestream"))
+        elif syntax != pydicom.uid.RLELossless:
+            raise DecodeError(
+                f"DICOM pixel data ({syntax.name}) declares no image size in its first "
+                f"{_SIZE_SEARCH // 1024} KB: refused rather than decoded unchecked"
+            )
         # libjpeg fills a truncated JPEG/JPEG-LS stream with black instead of failing
         if syntax in _JPEG_FAMILY and b"\xff\xd9" not in fragments[-1].rstrip(b"\0")[-64:]:
             raise DecodeError(
