@@ -321,6 +321,27 @@ class TestEcho:
             assert assoc.is_established
             assert 0x0000 == assoc.send_c_echo().Status
 
+    def test_silent_connections_do_not_lock_modalities_out(self, cfg: Config) -> None:
+        """Twelve TCP connections that never ask for an association (a scanner's broken retry
+        loop) neither fill the slots nor hold them long: a modality's echo still gets through,
+        and the silent ones are dropped within the ACSE timeout."""
+        with running(cfg) as port:
+            silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+            try:
+                with associate(port, [(VERIFICATION, [ImplicitVRLittleEndian])]) as assoc:
+                    assert assoc.is_established
+                    assert 0x0000 == assoc.send_c_echo().Status
+                t0 = time.monotonic()
+                for sock in silent:  # each is closed by the listener (after an A-ABORT, maybe)
+                    sock.settimeout(listener.ACSE_TIMEOUT_S + 10)
+                    with contextlib.suppress(ConnectionResetError):
+                        while sock.recv(4096):
+                            pass
+                assert time.monotonic() - t0 < listener.ACSE_TIMEOUT_S + 10
+            finally:
+                for sock in silent:
+                    sock.close()
+
 
 class TestStore:
     def test_stores_generated_dx(self, cfg: Config) -> None:

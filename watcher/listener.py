@@ -135,6 +135,8 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
+MAX_ASSOCIATIONS = 64  # simultaneous associations from peers (pynetdicom's default: 10)
+ACSE_TIMEOUT_S = 5.0  # a peer gets this long to ask for (or release) an association (default: 30)
 SHUTDOWN_GRACE_S = 10.0  # on stop, how long open associations may take to finish
 
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
@@ -418,6 +420,10 @@ def build_ae(cfg: Config) -> AE:
         source = cfg.source or "config"
         raise ConfigError(f"{source}: key 'listener' has an invalid AE title: {exc}") from exc
     ae.require_called_aet = True
+    # a peer that connects and says nothing holds a slot until the ACSE timer ends: with
+    # pynetdicom's 10 slots and 30 s, ten silent connections turned every modality away
+    ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.acse_timeout = ACSE_TIMEOUT_S
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     ae.add_supported_context(VERIFICATION)
