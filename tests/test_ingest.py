@@ -81,6 +81,28 @@ class TestWatches:
         assert [cfg.inbox / "b.png"] == list(scan_inbox(cfg.inbox, cfg.ingest.extensions))
         assert not is_candidate(cfg.inbox, cfg.inbox / ".x" / "y" / "a.png", cfg.ingest.extensions)
 
+    def test_a_tree_deeper_than_the_system_takes_does_not_stop_the_scan(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """Folders nested past PATH_MAX (made through folder descriptors): the scan logs what it
+        cannot reach and still finds the other files (it raised ENAMETOOLONG and found none)."""
+        cfg = make_config()
+        (cfg.inbox / "a.png").write_bytes(b"x")
+        fd = os.open(cfg.inbox, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(45):  # 45 x 101 bytes > 4096
+                os.mkdir("d" * 100, dir_fd=fd)
+                inner = os.open("d" * 100, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            os.close(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        finally:
+            os.close(fd)
+        with capture_logs() as logs:
+            found = list(scan_inbox(cfg.inbox, cfg.ingest.extensions))
+        assert [cfg.inbox / "a.png"] == found
+        assert any(e["event"] == "inbox_entry_unreachable" for e in logs)
+
 
 IN_ACCESS, IN_MODIFY, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE, IN_OPEN = 0x1, 0x2, 0x8, 0x10, 0x20
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200

@@ -219,11 +219,26 @@ def scan_inbox(inbox: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
     """
     for root, dirs, files in os.walk(inbox, followlinks=False):
         root_path = Path(root)
-        links = [d for d in dirs if (root_path / d).is_symlink()]
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
+        links, folders = [], []
+        for d in dirs:
+            try:
+                is_link = (root_path / d).is_symlink()
+            except OSError as exc:  # e.g. a path longer than the system takes: nothing there opens
+                log.warning("inbox_entry_unreachable", path=str(root_path / d)[:300], error=str(exc)[:200])
+                continue
+            if is_link:
+                links.append(d)
+            elif not d.startswith("."):
+                folders.append(d)
+        dirs[:] = sorted(folders)
         for name in sorted(files + links):
             path = root_path / name
-            if is_candidate(inbox, path, extensions):
+            try:
+                candidate = is_candidate(inbox, path, extensions)
+            except OSError as exc:
+                log.warning("inbox_entry_unreachable", path=str(path)[:300], error=str(exc)[:200])
+                continue
+            if candidate:
                 yield path
 
 
