@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import os
 import shutil
@@ -306,3 +307,147 @@ class TestCli:
         args = self.parse("--data", str(data), "--output", str(out), "--store", str(store))
         assert 2 == bf.cli_main(args)
         assert "v9999" in capsys.readouterr().err
+
+
+ODD_NAME = b"bad\xff.jpeg"  # not valid UTF-8: Python names it "bad\udcff.jpeg"
+ODD_TEXT = "bad\\xff.jpeg"  # as the dataset stores it: the byte backslash-escaped
+ODD_SOURCE = TRAIN_FIXTURES / "NORMAL" / "IM-0115-0001.jpeg"
+
+
+class TestOddNames:
+    @pytest.mark.parametrize("engine", ["local", "ray"])
+    def test_name_not_utf8_is_scored_once_and_skipped_on_rerun(
+        self, request: pytest.FixtureRequest, tmp_path: Path, store: Path, engine: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """A file name that is not valid UTF-8: one row, its path escaped; a rerun skips it."""
+        if engine == "ray":
+            request.getfixturevalue("ray_local")
+        data = tmp_path / "data"
+        (data / "sub").mkdir(parents=True)
+        shutil.copy(FULLRES[0], data / "a.jpeg")
+        shutil.copy(FULLRES[1], data / "sub" / "b.jpeg")
+        with open(os.path.join(os.fsencode(data), ODD_NAME), "wb") as fh:
+            fh.write(ODD_SOURCE.read_bytes())
+        out = tmp_path / "out"
+        parser = argparse.ArgumentParser()
+        bf.add_arguments(parser)
+        argv = ["--data", str(data), "--output", str(out), "--store", str(store), "--engine", engine]
+        assert 0 == bf.cli_main(parser.parse_args(argv)), capsys.readouterr().err
+        frame = read_output(out)
+        check_exactly_once(frame, {"a.jpeg", "sub/b.jpeg", ODD_TEXT})
+        row = frame.set_index("path").loc[ODD_TEXT]
+        assert (ODD_TEXT, "ok") == (row["file"], row["status"])
+        assert hashlib.sha256(ODD_SOURCE.read_bytes()).hexdigest() == row["sha256"]
+
+        again = bf.backfill(data, out, engine=engine, store=store)
+        assert (3, 0, 0) == (again["skipped"], again["scored"], again["parts"])
+
+    def test_name_text(self) -> None:
+        """Valid names unchanged; undecodable bytes backslash-escaped, as text Arrow accepts."""
+        assert "sub/é.jpeg" == bf.name_text("sub/é.jpeg")
+        assert ODD_TEXT == bf.name_text(os.fsdecode(ODD_NAME))
+        assert "x\\ud800" == bf.name_text("x\ud800")  # a surrogate no file name decodes to
+
+
+def _drop_write_override() -> None:  # pragma: no cover - runs in the child before exec
+    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set: root obeys file modes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+class TestBadOutput:
+    def run_cli(self, data: Path, out: Path, store: Path, *extra: str) -> int:
+        parser = argparse.ArgumentParser()
+        bf.add_arguments(parser)
+        argv = ["--data", str(data), "--output", str(out), "--store", str(store), *extra]
+        return bf.cli_main(parser.parse_args(argv))
+
+    @pytest.fixture
+    def data(self, tmp_path: Path) -> Path:
+        data = tmp_path / "data"
+        data.mkdir()
+        shutil.copy(FULLRES[0], data / "a.jpeg")
+        return data
+
+    def test_unreadable_part_is_named_in_one_line(
+        self, tmp_path: Path, data: Path, store: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file in OUT that is no Parquet part: exit 1, one line naming it, before any scoring."""
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "x.parquet").write_text("junk\n")
+        assert 1 == self.run_cli(data, out, store)
+        err = capsys.readouterr().err
+        line = f"xray-watcher backfill: error: {out / 'x.parquet'} is not a readable backfill part ("
+        assert [line] == [x[: len(line)] for x in err.splitlines() if x.startswith("xray-watcher backfill:")]
+        assert "move it aside" in err
+        assert "Traceback" not in err
+        assert ["x.parquet"] == sorted(p.name for p in out.glob("*.parquet"))
+
+    def test_part_missing_columns_is_named_the_same_way(self, tmp_path: Path) -> None:
+        """Every reader of OUT's parts (versions, scored rows, counts) gives the same error."""
+        out = tmp_path / "out"
+        out.mkdir()
+        pd.DataFrame({"other": ["x"]}).to_parquet(out / "y.parquet")
+        for read in (lambda: bf._versions(bf._parts(out)), lambda: bf.scored(out)):
+            with pytest.raises(bf.WatcherError, match=r"y\.parquet is not a readable backfill part"):
+                read()
+
+    @pytest.mark.parametrize(
+        "where, reason",
+        [("file", "it exists and is not a folder"), ("file/sub", "a folder above it is a file")],
+    )
+    def test_output_that_cannot_be_a_folder(
+        self, tmp_path: Path, data: Path, store: Path, capsys: pytest.CaptureFixture[str], where: str,
+        reason: str,
+    ) -> None:  # fmt: skip
+        """--output a file, or under one: exit 2 and one line naming the folder and why."""
+        (tmp_path / "file").write_text("not a folder")
+        out = tmp_path / where
+        assert 2 == self.run_cli(data, out, store)
+        err = capsys.readouterr().err
+        assert f"xray-watcher backfill: --output {out} cannot be used: {reason}\n" == err
+        assert "not a folder" == (tmp_path / "file").read_text()
+
+    def test_output_not_writable(self, tmp_path: Path, data: Path, store: Path) -> None:
+        """A folder the user may not write to (its lock cannot be created): exit 2, one line."""
+        out = tmp_path / "out"
+        out.mkdir()
+        out.chmod(0o555)
+        preexec = _drop_write_override if os.geteuid() == 0 else None
+        probe = [sys.executable, "-c", f"open({str(out / 'probe')!r}, 'w')"]
+        try:
+            if 0 == subprocess.run(probe, preexec_fn=preexec, capture_output=True, timeout=60).returncode:
+                pytest.skip("this user writes into a read-only folder (root keeps its override here)")
+            cmd = [sys.executable, "-m", "watcher.backfill", "--data", str(data), "--output", str(out)]
+            cmd += ["--store", str(store)]
+            proc = subprocess.run(cmd, preexec_fn=preexec, capture_output=True, text=True, timeout=120)
+        except subprocess.SubprocessError as exc:
+            pytest.skip(f"cannot take the write-any-file capability away from a root child here: {exc}")
+        finally:
+            out.chmod(0o755)
+        assert 2 == proc.returncode, proc.stderr[-2000:]
+        line = f"xray-watcher backfill: --output {out} cannot be used: cannot create its lock file .lock ("
+        assert line in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    @pytest.mark.parametrize("option", ["--model-version", "--store"])
+    def test_missing_model_version_or_store(
+        self, tmp_path: Path, data: Path, store: Path, capsys: pytest.CaptureFixture[str], option: str
+    ) -> None:
+        """As the README says: a model version or store that does not exist is exit 2, one line."""
+        out = tmp_path / "out"
+        if option == "--model-version":
+            code = self.run_cli(data, out, store, "--model-version", "v0099")
+            want = f"--model-version v0099: no such version in {store} (versions: "
+        else:
+            code = self.run_cli(data, out, tmp_path / "nostore")
+            want = f"model store {tmp_path / 'nostore'} is not a folder"
+        assert 2 == code
+        err = capsys.readouterr().err
+        assert err.startswith(f"xray-watcher backfill: {want}"), err
+        assert 1 == len(err.splitlines())
+        assert not out.exists()

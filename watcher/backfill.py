@@ -129,6 +129,26 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def name_text(name: str) -> str:
+    """A file name (or any text) as the dataset stores it: valid UTF-8 that Arrow accepts.
+
+    A name that is not valid UTF-8 reaches Python with its undecodable bytes as lone surrogates
+    (``b"bad\\xff.jpeg"`` is ``"bad\\udcff.jpeg"``); those bytes are written backslash-escaped
+    (``bad\\xff.jpeg``). Every other name is unchanged. Rows already written are matched
+    against the files of a rerun by this same text.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 # ---------------------------------------------------------------- the two stages
 
 
@@ -145,9 +165,11 @@ def _current_sha(path: Path, max_bytes: int) -> str:
 def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: int, max_bytes: int) -> Batch:
     """Stage 1 (CPU): read, hash, decode and preprocess a batch of relative paths.
 
-    ``batch`` holds ``path`` (relative to ``root``), ``seen`` (already in the output) and
-    ``expect`` (the sha256s recorded for it, space-separated). A seen file whose bytes
-    still hash to a recorded sha256 comes back with ``skip`` set and is not decoded.
+    ``batch`` holds ``path`` (relative to ``root``, as :func:`name_text` writes it), ``seen``
+    (already in the output), ``expect`` (the sha256s recorded for it, space-separated) and
+    optionally ``raw``, the relative path's bytes (``os.fsencode``), which name the file to open
+    when ``path`` cannot (a name that is not valid UTF-8). A seen file whose bytes still hash
+    to a recorded sha256 comes back with ``skip`` set and is not decoded.
     """
     pspec = PreprocessSpec.from_dict(spec)
     carried = _item_columns()
@@ -169,27 +191,30 @@ def decode_batch(batch: Batch, *, root: str, spec: dict[str, Any], max_pixels: i
         )
     }
     inputs: list[npt.NDArray[np.float32]] = []
-    for rel, seen, expect in zip(batch["path"], batch["seen"], batch["expect"], strict=True):
-        path = Path(root, str(rel))
+    raws = batch["raw"] if "raw" in batch else batch["path"]
+    for raw, seen, expect in zip(raws, batch["seen"], batch["expect"], strict=True):
+        rel = os.fsdecode(raw)  # bytes from Ray or the local engine; str where a caller gives paths
+        path = Path(root, rel)
         recorded = set(str(expect).split(" ")) if seen else set()
         if recorded and _current_sha(path, max_bytes) in recorded:
-            item = Item(rel=PurePosixPath(str(rel)), path=path)
+            item = Item(rel=PurePosixPath(rel), path=path)
             skip = True
         else:
-            item = load_item(Item(rel=PurePosixPath(str(rel)), path=path), pspec, max_pixels, max_bytes)
+            item = load_item(Item(rel=PurePosixPath(rel), path=path), pspec, max_pixels, max_bytes)
             skip = bool(recorded) and item.sha256 in recorded  # the quick hash disagreed; this one rules
-        out["path"].append(str(rel))
+        out["path"].append(name_text(rel))
         out["sha256"].append(item.sha256)
         out["bytes"].append(item.size)
         out["width"].append(item.width)
         out["height"].append(item.height)
-        out["error"].append(item.error)
+        out["error"].append(name_text(item.error))
         out["skip"].append(skip)
         out["age_years"].append(np.nan if item.age_years is None else float(item.age_years))
         out["age_text"].append(item.age_text)
-        out["second_look"].append(str(path) if item.reduced and not skip else "")  # may need a full decode
+        # the file's path as bytes (Arrow takes any name so): it may need a full decode
+        out["second_look"].append(os.fsencode(path) if item.reduced and not skip else b"")
         for col in carried:
-            out[col].append(_text(getattr(item, col)))
+            out[col].append(name_text(_text(getattr(item, col))))
         model_input = item.model_input if item.model_input is not None and not skip else blank
         inputs.append(model_input)
     result: Batch = {k: np.asarray(v, dtype=object) for k, v in out.items()}
@@ -214,7 +239,7 @@ def score_batch(
     good = [i for i in keep if not batch["error"][i]]
     predictions = predictor.predict([batch["model_input"][i] for i in good])
     by_row = dict(zip(good, predictions, strict=True))
-    sources = [str(batch["second_look"][i]) if "second_look" in batch else "" for i in good]
+    sources = [os.fsdecode(batch["second_look"][i]) if "second_look" in batch else "" for i in good]
     items = [
         Item(
             rel=PurePosixPath(str(batch["path"][i])),
@@ -253,7 +278,8 @@ def score_batch(
             "warning": _warning(batch, i, population) if pred else "",
         }
         for col in columns:
-            values[col].append(row[col] if col in row else _text(batch[col][i]) if col in batch else "")
+            value = row[col] if col in row else _text(batch[col][i]) if col in batch else ""
+            values[col].append(name_text(value))
     return pa.table(values, schema=output_schema())
 
 
@@ -300,7 +326,13 @@ class _OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> _OutputLock:
-        self._fd = try_lock(self.path)
+        try:
+            self._fd = try_lock(self.path)
+        except OSError as exc:
+            raise UsageError(
+                f"--output {self.path.parent} cannot be used: cannot create its lock file {self.path.name} "
+                f"({exc.strerror or exc})"
+            ) from exc
         if self._fd is None:
             raise WatcherError(f"another backfill is writing to {self.path.parent} (lock {self.path})")
         return self
@@ -364,14 +396,20 @@ def _parts(output: Path) -> list[Path]:
     return sorted(p for p in output.glob("*.parquet") if p.is_file())
 
 
+def _read_part(part: Path, columns: list[str]) -> pa.Table:
+    """``columns`` of a part in OUT, or one clear line for a file that is not a readable part."""
+    try:
+        return pq.read_table(part, columns=columns)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        reason = " ".join(str(exc).split())  # one line
+        raise WatcherError(f"{part} is not a readable backfill part ({reason}); move it aside") from exc
+
+
 def scored(output: Path) -> dict[str, set[str]]:
-    """Relative path -> the sha256s already scored in ``output``."""
+    """Relative path (as :func:`name_text` writes it) -> the sha256s already scored in ``output``."""
     done: dict[str, set[str]] = {}
     for part in _parts(output):
-        try:
-            table = pq.read_table(part, columns=["path", "sha256", "model_version"])
-        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-            raise WatcherError(f"{part} is not a readable backfill part ({exc}); move it aside") from exc
+        table = _read_part(part, ["path", "sha256", "model_version"])
         for rel, sha in zip(table["path"].to_pylist(), table["sha256"].to_pylist(), strict=True):
             done.setdefault(rel, set()).add(sha or "")
     return done
@@ -380,14 +418,14 @@ def scored(output: Path) -> dict[str, set[str]]:
 def _versions(parts: Sequence[Path]) -> set[str]:
     found: set[str] = set()
     for part in parts:
-        found.update(v for v in pq.read_table(part, columns=["model_version"])["model_version"].to_pylist())
+        found.update(v for v in _read_part(part, ["model_version"])["model_version"].to_pylist())
     return found
 
 
 def _count(parts: Sequence[Path]) -> dict[str, int]:
     counts = {"ok": 0, "failed": 0}
     for part in parts:
-        for status in pq.read_table(part, columns=["status"])["status"].to_pylist():
+        for status in _read_part(part, ["status"])["status"].to_pylist():
             counts["ok" if status == "ok" else "failed"] += 1
     return counts
 
@@ -521,8 +559,8 @@ def _run_ray(
         ray_data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
         staging = output / STAGING / run_id
         rows = [
-            {"path": str(p), "seen": bool(s), "expect": str(e)}
-            for p, s, e in zip(todo["path"], todo["seen"], todo["expect"], strict=True)
+            {"path": str(p), "raw": bytes(r), "seen": bool(s), "expect": str(e)}
+            for p, r, s, e in zip(todo["path"], todo["raw"], todo["seen"], todo["expect"], strict=True)
         ]
         ds = ray_data.from_items(rows)
         ds = ds.map_batches(
@@ -557,6 +595,18 @@ def _run_ray(
 
 
 # ---------------------------------------------------------------- entry points
+
+
+def _make_output(output: Path) -> None:
+    """Create the output folder, or a clear :class:`UsageError` saying why it cannot be used."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise UsageError(f"--output {output} cannot be used: it exists and is not a folder") from exc
+    except NotADirectoryError as exc:
+        raise UsageError(f"--output {output} cannot be used: a folder above it is a file") from exc
+    except OSError as exc:
+        raise UsageError(f"--output {output} cannot be used: {exc.strerror or exc}") from exc
 
 
 def backfill(
@@ -596,6 +646,11 @@ def backfill(
         raise UsageError(
             f"--output {output} is inside --data {data}; the archive is only read, never written"
         )
+    if not store.is_dir():
+        raise UsageError(f"model store {store} is not a folder (--store, or model_store in the config)")
+    if model_version is not None and not (store / model_version).is_dir():
+        known = ", ".join(model_store.list_versions(store)) or "none"
+        raise UsageError(f"--model-version {model_version}: no such version in {store} (versions: {known})")
     version = model_version or model_store.current_version(store)
     try:
         spec = PreprocessSpec.from_dict(model_store.read_metadata(store, version)["preprocessing"])
@@ -607,7 +662,7 @@ def backfill(
         "max_pixels": limits.max_pixels,
         "max_bytes": limits.max_file_mb << 20,
     }
-    output.mkdir(parents=True, exist_ok=True)
+    _make_output(output)
     run_id = uuid.uuid4().hex[:12]
     with _OutputLock(output):
         adopt_staged(output)
@@ -619,10 +674,12 @@ def backfill(
             )
         done = scored(output)
         rels = [p.relative_to(data).as_posix() for p in scan_inbox(data, IngestConfig().extensions)]
+        names = [name_text(r) for r in rels]  # as written in the path column, and so matched
         todo: Batch = {
-            "path": np.asarray(rels, dtype=object),
-            "seen": np.asarray([r in done for r in rels], dtype=bool),
-            "expect": np.asarray([" ".join(sorted(done.get(r, ()))) for r in rels], dtype=object),
+            "path": np.asarray(names, dtype=object),
+            "raw": np.asarray([os.fsencode(r) for r in rels], dtype=object),
+            "seen": np.asarray([n in done for n in names], dtype=bool),
+            "expect": np.asarray([" ".join(sorted(done.get(n, ()))) for n in names], dtype=object),
         }
         n_seen = int(todo["seen"].sum())
         log.info(
