@@ -373,6 +373,29 @@ class TestStore:
         for value in [*PATIENT.values(), "20240102"]:
             assert value not in text, f"{value} was logged"
 
+    def test_deflate_bomb_refused_before_it_is_inflated(self, tmp_path: Path) -> None:
+        """A Deflated data set that inflates past what one image within decode.max_pixels can
+        need is refused, Out of Resources, and nothing is written; a normal Deflated one is
+        stored (pynetdicom inflated any size in memory: 1 GiB from 1 MB took 2.2 GB)."""
+        cfg = write_config(tmp_path / "svc")
+        raw = yaml.safe_load(cfg.source.read_text())  # type: ignore[union-attr]
+        cfg.source.write_text(yaml.safe_dump({**raw, "decode": {"max_pixels": 100_000}}))  # type: ignore[union-attr]
+        cfg = load_config(cfg.source)  # type: ignore[arg-type]
+        bomb = make_dx(fixture_images()[0])
+        bomb.add_new(0x00091010, "OB", b"\0" * (17 << 20))  # 17 MiB > 16 MiB + 4 x 100,000 bytes
+        fine = make_dx(fixture_images()[1])
+        for ds in (bomb, fine):
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        with (
+            capture_logs() as logs,
+            running(cfg) as port,
+            associate(port, [(DX, [DeflatedExplicitVRLittleEndian])]) as assoc,
+        ):
+            assert (0xA700, 0) == (store_status(assoc, bomb), store_status(assoc, fine))
+        assert [f"{fine.SOPInstanceUID}.dcm"] == inbox_names(cfg)
+        (failed,) = [e for e in logs if e["event"] == "store_failed"]
+        assert "decompression bomb" in str(failed["reason"])
+
     def test_sent_file_bytes_kept(self, cfg: Config, tmp_path: Path) -> None:
         """The data set is written as sent, byte for byte, behind the file meta header."""
         ds = make_dx(fixture_images()[0])

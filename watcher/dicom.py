@@ -224,10 +224,16 @@ def _check_bounded_inflate(data: bytes, max_pixels: int) -> None:
     syntax, start = _meta_transfer_syntax(data)
     if syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
         return
+    check_deflated_size(data[start:], max_pixels)
+
+
+def check_deflated_size(deflated: bytes, max_pixels: int) -> None:
+    """Raise DecodeError for a deflated data set (after its file meta, or as received over the
+    network) that inflates past what one image within ``max_pixels`` can need: a bomb."""
     limit = 4 * max_pixels + (16 << 20)  # 32 bits per pixel, plus 16 MiB for everything else
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        out = inflater.decompress(data[start:], limit)
+        out = inflater.decompress(deflated, limit)
     except zlib.error as exc:
         raise DecodeError(f"deflated DICOM data set is corrupt: {exc}") from exc
     if len(out) >= limit and (inflater.unconsumed_tail or not inflater.eof):

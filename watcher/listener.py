@@ -98,7 +98,8 @@ from pynetdicom.events import EventHandlerType
 
 from watcher import failpoints, systemd
 from watcher.config import Config
-from watcher.errors import ConfigError, WatcherError
+from watcher.dicom import check_deflated_size
+from watcher.errors import ConfigError, DecodeError, WatcherError
 from watcher.fsutil import fsync_dir, move_no_replace
 from watcher.signals import SignalQueue, arm_exit_deadline
 from watcher.signals import restore as restore_signals
@@ -361,6 +362,11 @@ class StoreSCP:
 
     def _checked_uid(self, event: Any) -> str:
         """The data set's SOP Instance UID, once it is known to be safe as a file name."""
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            try:  # pynetdicom inflates the whole data set in memory to read it: bound it first
+                check_deflated_size(event.request.DataSet.getvalue(), self.cfg.decode.max_pixels)
+            except DecodeError as exc:
+                raise StoreRefused(STATUS_OUT_OF_RESOURCES, str(exc)) from exc
         try:
             ds = event.dataset
             uid = _raw_uid(ds, _SOP_INSTANCE_UID_TAG)
