@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -461,9 +462,35 @@ class TestRefusals:
         ds.PixelData = encapsulate([_even(frame)])
         with pytest.raises(
             DecodeError,
-            match=r"DICOM pixel data \(.+\) (could not be decoded|ends before|declares no image size)",
+            match=r"DICOM pixel data \(.+\) (could not be decoded|ends before|declares no image size"
+            r"|has no scan)",
         ):
             decode(to_bytes(ds))
+
+    def test_a_stream_without_a_scan_is_refused_not_scored_black(self) -> None:
+        """A JPEG Lossless header, zeros and an end marker but no scan decoded to a black image
+        that was scored; it is refused, saying why."""
+        ds = in_syntax(make_dataset(GREY12, 12), uid.JPEGLosslessSV1, GREY12)
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+        sof = frame.index(b"\xff\xc3")
+        (length,) = struct.unpack(">H", frame[sof + 2 : sof + 4])
+        ds.PixelData = encapsulate([b"\xff\xd8" + frame[sof : sof + 2 + length] + b"\0" * 100 + b"\xff\xd9"])
+        with pytest.raises(DecodeError, match=r"has no scan \(start-of-scan marker\)"):
+            decode(to_bytes(ds))
+
+    def test_a_malformed_grey_transform_is_a_clear_refusal(self) -> None:
+        """A Rescale Slope that is not a number: a DecodeError naming the grey-level transform
+        (it was 'unexpected error while decoding' with a traceback). A Window that is not a
+        number is ignored with its reason, as before."""
+        good, bad = b"1.25", b"x.yz"
+        ds = make_dataset(GREY12, 12)
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1.25"
+        ds.WindowCenter, ds.WindowWidth = "2048", "4097"
+        data = to_bytes(ds).replace(good, bad, 1)  # the header's value: pydicom would not write it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pydicom warns of the value, as it should
+            with pytest.raises(DecodeError, match=r"grey-level transform .* is malformed"):
+                decode(data)
 
     def test_native_pixel_data_too_short(self) -> None:
         """Uncompressed pixel data shorter than Rows x Columns is refused, not padded."""

@@ -373,6 +373,11 @@ def _check_size(ds: Dataset, max_pixels: int) -> None:
                 f"DICOM pixel data ({syntax.name}) declares no image size in its first "
                 f"{_SIZE_SEARCH // 1024} KB: refused rather than decoded unchecked"
             )
+        if syntax in _JPEG_FAMILY and b"\xff\xda" not in head:  # a header, then no image data
+            raise DecodeError(
+                f"DICOM pixel data ({syntax.name}) has no scan (start-of-scan marker) in its first "
+                f"{_SIZE_SEARCH // 1024} KB: no image to decode"
+            )
         # libjpeg fills a truncated JPEG/JPEG-LS stream with black instead of failing
         if syntax in _JPEG_FAMILY and b"\xff\xd9" not in fragments[-1].rstrip(b"\0")[-64:]:
             raise DecodeError(
@@ -551,7 +556,15 @@ def read_dicom(
     if reason:
         raise DecodeError(reason)
     _check_size(ds, max_pixels)
-    grey, display = _to_grey(_pixels(ds), ds)
+    stored = _pixels(ds)
+    try:
+        grey, display = _to_grey(stored, ds)
+    except (ValueError, TypeError, OverflowError, struct.error, NotImplementedError, AttributeError) as exc:
+        # a Rescale Slope of "x.yz", a LUT shorter than its descriptor, a descriptor of one value
+        raise DecodeError(
+            f"DICOM grey-level transform (Rescale Slope/Intercept, Modality or VOI LUT, Window) is "
+            f"malformed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        ) from exc
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     age_years, age_text = patient_age(ds)
     info = DicomInfo(
