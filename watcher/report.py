@@ -762,19 +762,23 @@ def _blocks_backwards(fd: int, data_start: int, size: int) -> Iterator[list[list
     """
     start = _record_start_before(fd, size, data_start)
     pos = start + _last_complete_end(os.pread(fd, size - start, start))
-    carry = b""
+    carry: list[bytes] = []  # bytes after ``pos`` not yet parsed, in file order, kept as pieces
     while pos > data_start:
         lo = max(data_start, pos - _BLOCK)
-        buf = os.pread(fd, pos - lo, lo) + carry
+        new = os.pread(fd, pos - lo, lo)
+        pos = lo
         if lo == data_start:
             first = 0
         else:
-            m = _ROW_START.search(buf)
+            # only the new block (and 2 bytes into what follows it) can hold a record start not
+            # searched yet: a file without one (a spreadsheet's save, no quotes) costs linear time
+            m = _ROW_START.search(new + (carry[0][:2] if carry else b""))
             if m is None:
-                carry, pos = buf, lo  # one record longer than a block: read further back
+                carry.insert(0, new)  # one record longer than a block: read further back
                 continue
             first = m.start() + 1
-        carry, pos = buf[:first], lo
+        buf = b"".join([new, *carry])
+        carry = [buf[:first]] if first else []
         yield _parse(buf[first:])
 
 
