@@ -113,3 +113,38 @@ class TestConfigReload:
             assert 0 == d.stop()
         assert d.proc.returncode == 0
         assert any(e.get("level") == "debug" for e in d.lines), "log.level: debug did not apply"
+
+    def test_metrics_moved_by_sighup_keep_their_counts(self, make_config: Callable[..., Config]) -> None:
+        """metrics.port changed and SIGHUP: the endpoint moves and its counters carry on (they
+        restarted at 0, which Prometheus reads as a daemon restart and `status` contradicts)."""
+        import signal
+        import socket
+
+        import yaml
+
+        from tests.harness import Daemon, png_bytes, wait_for
+        from tests.test_metrics import samples, scrape
+
+        def free_port() -> int:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return int(sock.getsockname()[1])
+
+        first, second = free_port(), free_port()
+        cfg = make_config(ingest={"settle_ms": 100}, metrics={"port": first, "host": "127.0.0.1"})
+        assert cfg.source is not None
+        ok = ("xray_watcher_files_total", (("status", "ok"),))
+        d = Daemon(cfg)
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to watch")
+            (cfg.inbox / "a.png").write_bytes(png_bytes(3))
+            wait_for(lambda: bool(d.events("batch_done")), 60, "the first batch")
+            assert 1.0 == samples(scrape(first))[ok]
+            raw = yaml.safe_load(cfg.source.read_text())
+            raw["metrics"]["port"] = second
+            cfg.source.write_text(yaml.safe_dump(raw))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(d.events("config_reloaded")), 30, "config_reloaded")
+            assert 1.0 == samples(scrape(second))[ok]
+        finally:
+            assert 0 == d.stop()

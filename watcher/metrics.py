@@ -186,13 +186,15 @@ class Metrics:
             thread.join(5)
 
 
-def create(cfg: MetricsConfig) -> Metrics | NoMetrics:
+def create(cfg: MetricsConfig, keep: Metrics | None = None) -> Metrics | NoMetrics:
     """``Metrics`` serving on ``cfg.host:cfg.port``, or ``NoMetrics`` when the port is 0.
 
-    Raises OSError when the port cannot be bound (in use, or not allowed).
+    ``keep``: a stopped ``Metrics`` whose counts carry on (a reload that moves the endpoint:
+    Prometheus would read counters back at 0 as a restart, and they would disagree with
+    ``status``). Raises OSError when the port cannot be bound (in use, or not allowed).
     """
     if cfg.port == 0:
         return NoMetrics()
-    metrics = Metrics()
+    metrics = keep if keep is not None else Metrics()
     metrics.start(cfg.host, cfg.port)
     return metrics
