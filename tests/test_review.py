@@ -396,6 +396,25 @@ class TestDaemonPage:
         assert "m1-00.jpeg" == page.rows[0]["file"] and "m3-01.jpeg" == page.rows[-1]["file"]
         assert 0 == len(ReviewPage(rotated.review_page, rotated, max_rows=0).rows)
 
+    def test_a_deleted_heat_map_shows_no_image_not_a_broken_one(self, tmp_path: Path) -> None:
+        """Old heat-map day folders may be deleted (README): a row whose picture is gone gets
+        "no image"; the others keep theirs."""
+        cfg = service_config(tmp_path)
+        assert cfg.source is not None and cfg.review_page is not None
+        (cfg.source.parent / "heatmaps" / "NORMAL").mkdir(parents=True)
+        (cfg.source.parent / "heatmaps" / "NORMAL" / "kept.jpeg.png").write_bytes(png_bytes())
+        writer = ResultsWriter(cfg.results, ReportConfig()).open()
+        now = datetime.now(timezone.utc)
+        writer.append(
+            [result_row(n, now, heatmap=f"heatmaps/NORMAL/{n}.png") for n in ("gone.jpeg", "kept.jpeg")]
+        )
+        writer.close()
+        ReviewPage(cfg.review_page, cfg, max_rows=10).write(None)
+        cards = parse(cfg.review_page.read_text(encoding="utf-8")).cards
+        by = {("kept" if "kept.jpeg" in c["text"] else "gone"): c for c in cards}
+        assert ["../heatmaps/NORMAL/kept.jpeg.png"] == by["kept"]["imgs"]
+        assert [] == by["gone"]["imgs"] and "no image" in by["gone"]["text"]
+
     def test_no_results_yet(self, tmp_path: Path) -> None:
         """No results.csv at all: an empty page, no error."""
         cfg = service_config(tmp_path)

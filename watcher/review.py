@@ -390,8 +390,11 @@ class ReviewPage:
             self.write(predictor)
 
     def _heatmap_href(self, row: Mapping[str, str]) -> str | None:
+        """The link to a row's heat map; None when it is gone (old day folders may be deleted:
+        the card then says "no image" rather than show a broken picture)."""
         rel = row.get("heatmap") or ""
-        return relative_href(self.base / rel, self.path) if rel else None
+        path = self.base / rel
+        return relative_href(path, self.path) if rel and path.is_file() else None
 
     def write(self, predictor: Any) -> None:
         """Render and write the page now."""
