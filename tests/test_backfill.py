@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import os
 import shutil
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import FULLRES, TRAIN_FIXTURES
-from tests.harness import read_csv_both, run_once
+from tests.harness import drop_file_mode_override, read_csv_both, run_once
 from watcher import backfill as bf
 from watcher.config import Config, load_config
 from watcher.report import COLUMNS
@@ -350,14 +349,6 @@ class TestOddNames:
         assert "x\\ud800" == bf.name_text("x\ud800")  # a surrogate no file name decodes to
 
 
-def _drop_write_override() -> None:  # pragma: no cover - runs in the child before exec
-    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set: root obeys file modes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 class TestBadOutput:
     def run_cli(self, data: Path, out: Path, store: Path, *extra: str) -> int:
         parser = argparse.ArgumentParser()
@@ -417,7 +408,7 @@ class TestBadOutput:
         out = tmp_path / "out"
         out.mkdir()
         out.chmod(0o555)
-        preexec = _drop_write_override if os.geteuid() == 0 else None
+        preexec = drop_file_mode_override if os.geteuid() == 0 else None
         probe = [sys.executable, "-c", f"open({str(out / 'probe')!r}, 'w')"]
         try:
             if 0 == subprocess.run(probe, preexec_fn=preexec, capture_output=True, timeout=60).returncode:

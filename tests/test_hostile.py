@@ -6,7 +6,6 @@ a fuzz test of the decoder with mutated bytes of real X-ray files.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import shutil
@@ -27,7 +26,16 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from tests.conftest import FULLRES, fixture_images
-from tests.harness import Daemon, bomb_png, read_csv_both, run_once, sha, small_tmpfs, wait_for
+from tests.harness import (
+    Daemon,
+    bomb_png,
+    drop_file_mode_override,
+    read_csv_both,
+    run_once,
+    sha,
+    small_tmpfs,
+    wait_for,
+)
 from watcher.config import Config, load_config
 from watcher.errors import DecodeError
 from watcher.imaging import decode_bytes
@@ -213,14 +221,6 @@ class TestOtherDisk:
             assert [] == [p for p in disk.rglob("*.tmp")]
 
 
-def _drop_read_override() -> None:  # pragma: no cover - runs in the child before exec
-    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set: root obeys file modes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
 class TestPermissionDenied:
     def test_unreadable_file_fails_in_plain_words_and_is_kept(
         self, make_config: Callable[..., Config]
@@ -232,7 +232,7 @@ class TestPermissionDenied:
         locked.chmod(0)
         shutil.copy(fixture_images()[1], cfg.inbox / "open.jpeg")
         # root reads any file; drop that power from the daemon (as a service user would lack it)
-        preexec = _drop_read_override if os.geteuid() == 0 else None
+        preexec = drop_file_mode_override if os.geteuid() == 0 else None
         try:
             proc = run_once(cfg, preexec_fn=preexec)
         except subprocess.SubprocessError as exc:

@@ -407,7 +407,7 @@ class Service:
         self._last_model_check = time.monotonic()
         self.counts = {"ok": 0, "failed": 0, "batches": 0, "recovered": 0, "warnings": 0}
         self.metrics: metrics.Metrics | metrics.NoMetrics = metrics.NoMetrics()
-        self._kept_metrics: metrics.Metrics | None = None  # the counts, while the endpoint is off
+        self._kept_metrics: metrics.Metrics | None = None  # every Metrics made: its counts carry on
         self._status = StatusWriter(cfg.status_file)
         self._disk = DiskUsage.for_config(cfg)
         self._started_at = time.time()
@@ -680,10 +680,8 @@ class Service:
     # ------------------------------------------------------------ stage 2: infer + report + file
 
     def _start_metrics(self) -> None:
-        # the counts of this process carry over a reload that moves or re-enables the endpoint
-        kept = self.metrics if isinstance(self.metrics, metrics.Metrics) else self._kept_metrics
-        try:
-            self.metrics = metrics.create(self.cfg.metrics, keep=kept)
+        try:  # the counts of this process carry over a reload that moves or re-enables the endpoint
+            self.metrics = metrics.create(self.cfg.metrics, keep=self._kept_metrics)
         except OSError as exc:
             raise WatcherError(
                 f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port}: "
