@@ -6,8 +6,10 @@ import csv
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -221,10 +223,111 @@ class TestModels:
         assert "v0004" == promoted[1].strip() == (mine / "CURRENT").read_text().strip()
         assert 0 == predicted[0] and ",v0004," in predicted[1], predicted[2]
         (rc, _, err), (rc_empty, _, err_empty) = refused
-        assert 1 == rc and "cannot load" in err
+        assert 1 == rc and "model.keras is damaged or not a .keras file" in err
         assert 1 == rc_empty and "not a model version" in err_empty
         after = sorted(p.name for p in mine.iterdir())
         assert sorted([*before, "v0003", "v0004"]) == after  # no build folder left behind
+
+    def test_promote_refuses_a_version_that_does_not_load(self, store: Path, tmp_path: Path) -> None:
+        """promote loads the version as `run` would first: one that cannot serve (a copy of
+        v0001 with threshold 1.5) is refused with exit 1 and why, CURRENT and history.jsonl
+        untouched; --force promotes it all the same."""
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        shutil.copytree(mine / "v0001", mine / "v0003")
+        meta_path = mine / "v0003" / "metadata.json"
+        meta_path.write_text(
+            json.dumps({**json.loads(meta_path.read_text()), "version": "v0003", "threshold": 1.5})
+        )
+        history = (mine / "history.jsonl").read_bytes()
+        [refused], _ = cli_in_one_process(["models", "--store", str(mine), "promote", "v0003"])
+        assert 1 == refused[0], refused
+        last = refused[2].strip().splitlines()[-1]
+        assert last.startswith("xray-watcher: error: v0003 not made current: it does not load")
+        assert "threshold 1.5" in last and "--force" in last
+        assert "v0002" == (mine / "CURRENT").read_text().strip()
+        assert history == (mine / "history.jsonl").read_bytes()
+        [forced], _ = cli_in_one_process(["models", "--store", str(mine), "promote", "v0003", "--force"])
+        assert (0, "v0003\n") == forced[:2], forced
+        assert "v0003" == (mine / "CURRENT").read_text().strip()
+        assert history == (mine / "history.jsonl").read_bytes()[: len(history)]
+        assert 1 == len((mine / "history.jsonl").read_bytes()[len(history) :].splitlines())  # --force's
+
+    def test_promote_of_the_current_version_is_a_no_op(self, store: Path, tmp_path: Path) -> None:
+        """Promoting what is current records nothing: the next rollback really goes back."""
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        history = (mine / "history.jsonl").read_bytes()
+        (promoted, rolled_back), _ = cli_in_one_process(
+            ["models", "--store", str(mine), "promote", "v0002"], ["models", "--store", str(mine), "rollback"]
+        )
+        assert (0, "v0002\n") == promoted[:2] and "model_already_current" in promoted[2]
+        assert (0, "v0001\n") == rolled_back[:2], rolled_back
+        assert "v0001" == (mine / "CURRENT").read_text().strip()
+        assert history == (mine / "history.jsonl").read_bytes()[: len(history)]
+
+    def test_list_shows_a_version_with_a_null_threshold_as_unreadable(
+        self, store: Path, tmp_path: Path
+    ) -> None:
+        """models list with a metadata.json whose threshold is null, or whose validation is not
+        an object: that row says so (or "-"), the others print, exit 0."""
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        for version, change in (("v0001", {"threshold": None}), ("v0002", {"validation": "n/a"})):
+            path = mine / version / "metadata.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+        listing = cli("models", "--store", str(mine), "list")
+        assert 0 == listing.returncode, listing.stderr
+        rows = listing.stdout.splitlines()[1:]
+        assert "  v0001    unreadable: threshold null is not a number" == rows[0]
+        assert rows[1].startswith("* v0002    tiny-test") and ["-"] * 4 + ["0.600"] == rows[1].split()[-5:]
+
+    def test_os_errors_are_one_line(self, store: Path, tmp_path: Path) -> None:
+        """An OSError (a read-only store, a full disk; here history.jsonl made a folder) ends
+        promote and rollback with one line and exit 1, not a traceback."""
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        (mine / "history.jsonl").unlink()
+        (mine / "history.jsonl").mkdir()
+        for action in (["promote", "v0001"], ["rollback"]):
+            proc = cli("models", "--store", str(mine), *action)
+            assert 1 == proc.returncode, proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert (
+                f"xray-watcher: error: [Errno 21] Is a directory: '{mine / 'history.jsonl'}'"
+                == (proc.stderr.strip().splitlines()[-1])
+            )
+        assert "v0002" == (mine / "CURRENT").read_text().strip()
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+    def test_import_stopped_by_a_signal_leaves_no_build_folder(
+        self, store: Path, tmp_path: Path, sig: signal.Signals
+    ) -> None:
+        """`models import` ended by SIGTERM (timeout, systemd) or SIGHUP (a dropped ssh session)
+        while its hidden build folder is in the store removes that folder and exits 128 + N."""
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        argv = [
+            sys.executable,
+            "-m",
+            "watcher",
+            "models",
+            "--store",
+            str(mine),
+            "import",
+            str(store / "v0001"),
+        ]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            deadline = time.monotonic() + 60
+            while not list(mine.glob(".build-*")):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "no build folder within 60 s"
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        assert 128 + sig == proc.returncode, err[-2000:]
+        assert [] == list(mine.glob(".build-*"))
+        assert ["v0001", "v0002"] == sorted(p.name for p in mine.glob("v*"))
 
 
 IN_ONE_PROCESS = """

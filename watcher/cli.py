@@ -7,9 +7,13 @@ Exit codes: 0 success, 1 a runtime failure (no usable model, store or results fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -100,8 +104,15 @@ def _parser() -> argparse.ArgumentParser:
         return action
 
     models_action("list", "versions with their key validation metrics")
-    promote = models_action("promote", "make VERSION current")
+    promote = models_action(
+        "promote", "make VERSION current, once it loads as `run` would load it on this host"
+    )
     promote.add_argument("version")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the check that VERSION loads as `run` would load it on this host",
+    )
     models_action("rollback", "go back to the version promoted before the current one")
     imp = models_action(
         "import", "publish a version folder trained elsewhere (a GPU machine, a scratch store)"
@@ -299,9 +310,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unless_it_loads(args: argparse.Namespace, store: Path, version: str, hint: str) -> None:
+    """Load ``version`` as ``run`` would on this host (with the config's ``runtime`` and
+    ``explain.enabled`` where the store comes from the config, else as with ``runtime: auto``);
+    a ``WatcherError`` naming the version, why it cannot serve, and ``hint`` where it cannot."""
+    from watcher.inference import serving_predictor
+
+    setting, with_maps = "auto", False
+    if not getattr(args, "store", None):
+        cfg = load_config(args.config)
+        setting, with_maps = cfg.runtime, cfg.explain.enabled
+    try:
+        serving_predictor(store, version, with_maps=with_maps, setting=setting)
+    except Exception as exc:  # whatever stops it loading stops the daemon too
+        why = str(exc) if isinstance(exc, WatcherError) else f"{type(exc).__name__}: {exc}"
+        raise WatcherError(
+            f"{version} not made current: it does not load as `run` would load it here: {why} ({hint})"
+        ) from exc
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     store = _store_from(args)
     if args.action == "promote":
+        try:
+            current: str | None = model_store.current_version(store)
+        except WatcherError:
+            current = None
+        # an unknown version: set_current's error; the current one: nothing to change or check
+        if not args.force and args.version != current and args.version in model_store.list_versions(store):
+            _refuse_unless_it_loads(args, store, args.version, "--force promotes it anyway")
         model_store.set_current(store, args.version, reason="promoted by hand")
         print(args.version)
         return 0
@@ -311,6 +348,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "import":
         version = model_store.import_version(store, args.source)
         if args.promote:
+            _refuse_unless_it_loads(args, store, version, f"it is published as {version}, not current")
             model_store.set_current(store, version, reason=f"imported from {args.source}")
         print(version)
         return 0
@@ -318,30 +356,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     try:
         current = model_store.current_version(store)
     except WatcherError:
-        current = ""
+        current = None
     print(
         f"{'':2}{'version':8} {'arch':10} {'created':20} {'val_auc':>8} {'val_acc':>8} {'sens':>6} "
         f"{'spec':>6} {'thresh':>7}"
     )
     for version in versions:
+        mark = "* " if version == current else "  "
         try:
             meta = model_store.read_metadata(store, version)
         except WatcherError as exc:
-            print(f"  {version:8} unreadable: {exc}")
+            print(f"{mark}{version:8} unreadable: {exc}")
             continue
-        val = meta.get("validation", {}) or {}
+        threshold = meta.get("threshold")
+        if not _is_number(threshold):
+            print(f"{mark}{version:8} unreadable: threshold {json.dumps(threshold)} is not a number")
+            continue
+        val = meta.get("validation")
+        val = val if isinstance(val, dict) else {}
 
         def fmt(key: str, val: dict[str, object] = val) -> str:
             v = val.get(key)
-            return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+            return f"{v:.3f}" if _is_number(v) else "-"
 
-        mark = "* " if version == current else "  "
         print(
             f"{mark}{version:8} {meta.get('architecture', '?')!s:10} {meta.get('created_at', '')!s:20.19} "
             f"{fmt('roc_auc'):>8} {fmt('accuracy'):>8} {fmt('sensitivity'):>6} {fmt('specificity'):>6} "
-            f"{float(meta.get('threshold', 0)):>7.3f}"
+            f"{threshold:>7.3f}"
         )
     return 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def cmd_check(cfg: Config) -> int:
@@ -370,6 +417,40 @@ def cmd_check(cfg: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xray-watcher`` console script."""
     args = _parser().parse_args(argv)
+    publishing = args.command in ("train", "calibrate", "init") or (
+        args.command == "models" and args.action == "import"
+    )
+    with _exit_on_hangup_or_term() if publishing else contextlib.nullcontext():
+        return _main(args)
+
+
+# a publisher's `except BaseException: remove_build(...)` runs on an exception, SystemExit
+# included, but not where a signal's default action ends the process
+_PUBLISHER_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _exit_on_hangup_or_term() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` (exit 143 and 129, as the shell
+    reports a death by those signals) while a publishing command runs, so that its hidden
+    ``.build-*`` folder is removed: ``timeout``, ``systemd-run --wait``, a dropped ssh session.
+    """
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    before = {sig: signal.signal(sig, leave) for sig in _PUBLISHER_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _main(args: argparse.Namespace) -> int:
     cfg: Config | None = None
     try:
         if args.command in ("run", "check", "status", "listen"):
@@ -424,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"xray-watcher: configuration error: {exc}", file=sys.stderr)
         return 2
-    except WatcherError as exc:
+    except (WatcherError, OSError) as exc:  # OSError: a read-only store, a full disk, ...
         log.error("fatal_error", error=str(exc), error_type=type(exc).__name__)
         print(f"xray-watcher: error: {exc}", file=sys.stderr)
         return 1

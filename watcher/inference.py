@@ -8,6 +8,7 @@ daemon, ``predict`` and ``evaluate`` give the same answer for the same file.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +96,11 @@ class Predictor:
     def _load_model(self) -> None:
         from watcher import runtime
 
+        path = self.store / self.version / model_store.MODEL_FILE
+        _check_archive(path)  # a damaged file is named as such, before TensorFlow is imported
         runtime.import_tensorflow()  # its start-up lines kept quiet, as the CLI does
         import keras
 
-        path = self.store / self.version / model_store.MODEL_FILE
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad file
@@ -147,7 +149,7 @@ class Predictor:
         (which loads TensorFlow; ``before_conversion`` is called first). Why the stored graph
         was not used is kept in ``onnx_graph_problem`` (empty when it was).
         """
-        from watcher.onnxrt import OnnxModel, OnnxUnavailable
+        from watcher.onnxrt import ONNX_FILE, OnnxModel, OnnxUnavailable
 
         h, w = self.spec.height, self.spec.width
         try:
@@ -156,6 +158,11 @@ class Predictor:
             return
         except OnnxUnavailable as exc:
             self.onnx_graph_problem = str(exc)
+        try:
+            _check_archive(self.store / self.version / model_store.MODEL_FILE)
+        except ModelStoreError as exc:  # neither file can serve: say both, load no TensorFlow
+            problem = self.onnx_graph_problem
+            raise ModelStoreError(f"{exc}; its {ONNX_FILE} cannot stand in: {problem}") from exc
         if before_conversion is not None:
             before_conversion()
         self.onnx = OnnxModel(self.model, h, w, with_maps, threads)
@@ -237,6 +244,21 @@ class Predictor:
         """Calibrated probabilities and labels from the network's own outputs (e.g. Grad-CAM's pass)."""
         probs = calibrate(np.asarray(raw).reshape(-1), self.temperature, self.logit_shift)
         return [Prediction(float(p), self.label_for(float(p))) for p in probs]
+
+
+def _check_archive(path: Path) -> None:
+    """Raise ``ModelStoreError`` unless ``path`` is a readable zip archive whose members all pass
+    their CRC check (a ``.keras`` file is one): a truncated or damaged model is named as such
+    (Keras itself says "File not found" for a file that is there)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        raise ModelStoreError(f"{path} is missing") from None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ModelStoreError(f"{path} is damaged or not a .keras file ({exc})") from exc
+    if bad is not None:
+        raise ModelStoreError(f"{path} is damaged: its member {bad} fails its CRC check")
 
 
 def serving_predictor(

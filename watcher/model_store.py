@@ -5,6 +5,7 @@ Layout::
     model_store/
       CURRENT            one line: the version the daemon serves (replaced atomically)
       history.jsonl      every change of CURRENT, for ``rollback``
+      .lock              ``flock``ed while CURRENT and history.jsonl change (empty)
       v0001/             a published version, never edited afterwards
         model.keras      the Keras model (the record)
         model.onnx       the same network as an ONNX graph, exported at publish (optional;
@@ -18,6 +19,8 @@ A version is built in a hidden temporary folder and published by one ``os.rename
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -26,7 +29,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
 CURRENT_FILE = "CURRENT"
 HISTORY_FILE = "history.jsonl"
+LOCK_FILE = ".lock"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
@@ -65,6 +69,8 @@ def current_version(store: Path) -> str:
             f"model store {store} has no {CURRENT_FILE} pointer: train a model first "
             "(xray-watcher train --data DIR --promote)"
         ) from None
+    except (OSError, ValueError) as exc:  # permissions, EIO, not UTF-8: the error, not a traceback
+        raise ModelStoreError(f"cannot read {pointer}: {exc}") from exc
     if not _VERSION_RE.match(version) or not (store / version).is_dir():
         raise ModelStoreError(f"{pointer} names {version!r}, which is not a published version")
     return version
@@ -123,14 +129,16 @@ def publish(store: Path, build: Path, stamp: Callable[[str], None] | None = None
 
     ``stamp(version)`` is called with the chosen name before the rename, so files in the
     build can record it (e.g. metadata.json's ``version``). The number is one past the
-    newest version's, and at least ``at_least`` (``init`` keeps the bundled model's name).
+    highest of the version folders and of every version history.jsonl names (so the name of
+    a deleted version never goes to other weights), and at least ``at_least`` (``init`` keeps
+    the bundled model's name).
     """
     for name in (MODEL_FILE, METADATA_FILE):
         if not (build / name).is_file():
             raise ModelStoreError(f"build folder {build} lacks {name}; nothing published")
     for _ in range(100):
-        versions = list_versions(store)
-        number = max(int(versions[-1][1:]) + 1 if versions else 1, at_least)
+        highest = max([int(v[1:]) for v in list_versions(store)] + _recorded_numbers(store), default=0)
+        number = max(highest + 1, at_least)
         version = f"v{number:04d}"
         if stamp is not None:
             stamp(version)
@@ -164,22 +172,90 @@ def _history(store: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            continue  # a torn last line from a crash; the pointer file is the truth
+            continue  # a torn line (a crash, a full disk); the pointer file is the truth
+        if isinstance(entry, dict):
+            out.append(entry)
     return out
 
 
-def set_current(store: Path, version: str, reason: str, is_rollback: bool = False) -> None:
-    """Point CURRENT at ``version`` atomically and record the change."""
+def _recorded_numbers(store: Path) -> list[int]:
+    """The numbers of every version history.jsonl names ("from" or "to")."""
+    numbers = []
+    for entry in _history(store):
+        for key in ("from", "to"):
+            named = _VERSION_RE.match(str(entry.get(key) or ""))
+            if named:
+                numbers.append(int(named[1]))
+    return numbers
+
+
+def _pointer(store: Path) -> str | None:
+    """What CURRENT says, checked or not; None where it is missing or unreadable."""
+    try:
+        return (store / CURRENT_FILE).read_text(encoding="utf-8").strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _locked(store: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``store/.lock`` (made 0644 if missing), held while CURRENT and
+    history.jsonl change, so that two promotions or rollbacks at once happen one after the
+    other. A lock needs no write access to its file: the descriptor is read-only."""
+    path = store / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        os.fchmod(fd, 0o644)  # whatever the umask
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _append_history(store: Path, entry: dict[str, Any]) -> None:
+    """Append one line to history.jsonl, durably; a torn last line (a full disk) is ended
+    first, so that it cannot swallow this entry."""
+    line = (json.dumps(entry) + "\n").encode("utf-8")
+    fd = os.open(store / HISTORY_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_current(store: Path, version: str, reason: str, is_rollback: bool = False) -> bool:
+    """Point CURRENT at ``version`` atomically and record the change; False (nothing written,
+    ``model_already_current`` logged) where it is current already.
+
+    Under the store's lock: the previous version is read, the change appended to
+    history.jsonl, then CURRENT replaced (mode 0644, so that the daemon's user can read a
+    pointer written by another, e.g. root).
+    """
     if version not in list_versions(store):
         raise ModelStoreError(f"no published version {version!r} in {store}")
-    try:
-        previous = current_version(store)
-    except ModelStoreError:
-        previous = None
+    with _locked(store):
+        return _set_current_locked(store, version, reason, is_rollback)
+
+
+def _set_current_locked(store: Path, version: str, reason: str, is_rollback: bool) -> bool:
+    previous = _pointer(store)
+    if previous == version:
+        log.info("model_already_current", version=version, reason=reason)
+        return False
     entry = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "from": previous,
@@ -187,36 +263,74 @@ def set_current(store: Path, version: str, reason: str, is_rollback: bool = Fals
         "reason": reason,
         "rollback": is_rollback,
     }
-    with (store / HISTORY_FILE).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    atomic_write_text(store / CURRENT_FILE, version + "\n")
+    _append_history(store, entry)
+    atomic_write_text(store / CURRENT_FILE, version + "\n", mode=0o644)
     log.info("model_current_changed", previous=previous, current=version, reason=reason)
+    return True
+
+
+def _cut_to(stack: list[str], version: str) -> None:
+    """Drop what follows the last occurrence of ``version`` in ``stack``."""
+    del stack[len(stack) - stack[::-1].index(version) :]
 
 
 def promotion_stack(store: Path) -> list[str]:
-    """Versions promoted and not rolled back, oldest first; the last is current."""
+    """Versions promoted and not rolled back, oldest first; the last is current.
+
+    CURRENT is the truth, history.jsonl the record of how it got there. Replaying the
+    history, an entry whose "from" is not the top of the stack but is in it says that what
+    was recorded after that version's last occurrence never took effect (CURRENT could not
+    be written after its history line): the stack is cut back to it first. An entry from a
+    version to itself changed nothing and is skipped. After the replay, a top that is not
+    CURRENT is cut back to CURRENT's last occurrence, where it has one.
+    """
     stack: list[str] = []
     for entry in _history(store):
+        to, frm = entry.get("to"), entry.get("from")
+        if not isinstance(to, str) or not to or to == frm:
+            continue
+        if isinstance(frm, str) and stack and stack[-1] != frm and frm in stack:
+            _cut_to(stack, frm)
         if entry.get("rollback"):
             if stack:
                 stack.pop()
-        elif entry.get("to"):
-            stack.append(str(entry["to"]))
+            if stack and stack[-1] != to and to in stack:
+                _cut_to(stack, to)
+            elif not stack or stack[-1] != to:
+                stack.append(to)
+        elif not stack or stack[-1] != to:
+            stack.append(to)
+    current = _pointer(store)
+    if current is not None and stack and stack[-1] != current and current in stack:
+        _cut_to(stack, current)
     return stack
 
 
 def rollback(store: Path) -> str:
     """Point CURRENT back at the version promoted before it; returns that version."""
-    current = current_version(store)
-    stack = promotion_stack(store)
-    if len(stack) < 2 or stack[-1] != current:
-        raise ModelStoreError(
-            f"no earlier promoted version to roll back to from {current} (see {store / HISTORY_FILE})"
-        )
-    target = stack[-2]
-    set_current(store, target, reason=f"rollback from {current}", is_rollback=True)
+    with _locked(store):
+        current = current_version(store)
+        stack = promotion_stack(store)
+        if len(stack) < 2 or stack[-1] != current:
+            entries = _history(store)
+            last = entries[-1] if entries else {}
+            if not last:
+                ends = "no entry"
+            elif last.get("rollback"):
+                ends = f"a rollback to {last.get('to')}"
+            else:
+                ends = f"a promotion to {last.get('to')}"
+            raise ModelStoreError(
+                f"no earlier promoted version to roll back to from {current}: {store / HISTORY_FILE} "
+                f"ends with {ends}, CURRENT is {current}"
+                + ("" if current in stack else f", and the history does not record {current} as promoted")
+            )
+        target = stack[-2]
+        if target not in list_versions(store):
+            raise ModelStoreError(
+                f"cannot roll back from {current} to {target}: {target} is no longer in {store}"
+            )
+        _set_current_locked(store, target, f"rollback from {current}", is_rollback=True)
     return target
 
 
