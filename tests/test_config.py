@@ -180,6 +180,21 @@ class TestLoadConfig:
         with pytest.raises(ConfigError, match="not valid YAML"):
             load_config(tmp_path / "c.yaml")
 
+    def test_not_utf8_names_the_line(self, tmp_path: Path) -> None:
+        """A comment saved in Latin-1 raised UnicodeDecodeError (a traceback, and a dead daemon
+        on SIGHUP); now a ConfigError naming the line."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_bytes(BASE.encode() + b"# Radiolog\xeda\n")
+        with pytest.raises(ConfigError, match=r"line \d+ is not UTF-8 text \(byte 0xed\)"):
+            load_config(tmp_path / "c.yaml")
+
+    def test_nul_in_a_value_names_the_key(self, tmp_path: Path) -> None:
+        """A NUL in a path raised ValueError from the path code; now a ConfigError naming the key."""
+        _layout(tmp_path)
+        (tmp_path / "c.yaml").write_text(BASE + 'explain: {enabled: true, folder: "heat\\0maps"}\n')
+        with pytest.raises(ConfigError, match=r"key 'explain\.folder' holds a NUL character"):
+            load_config(tmp_path / "c.yaml")
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A missing config file is a ConfigError."""
         with pytest.raises(ConfigError, match="cannot read config file"):

@@ -104,6 +104,7 @@ class TestConfigReload:
             (event,) = d.events("config_reloaded")
             assert ["batch.max_size", "log.level"] == event["changed"]
             assert ["instance_id"] == event["needs_restart"]
+            assert "warning" == event["level"]  # a change waiting for a restart is worth a look
             cfg.source.write_text("batch: [not, a, mapping\n")
             d.proc.send_signal(signal.SIGHUP)
             wait_for(lambda: bool(d.events("config_reload_failed")), 30, "config_reload_failed")
@@ -147,4 +148,97 @@ class TestConfigReload:
             wait_for(lambda: bool(d.events("config_reloaded")), 30, "config_reloaded")
             assert 1.0 == samples(scrape(second))[ok]
         finally:
+            assert 0 == d.stop()
+
+    def test_a_config_no_parser_takes_keeps_the_running_one(self, make_config: Callable[..., Config]) -> None:
+        """SIGHUP with a config.yaml that is not UTF-8 (a comment saved in Latin-1) or holds a NUL
+        in a path killed the daemon with a traceback (and every restart after). Now each is one
+        config_reload_failed event, files keep flowing; a listener key is named for the listener."""
+        import signal
+
+        import yaml
+
+        from tests.harness import Daemon, png_bytes, wait_for
+
+        cfg = make_config(ingest={"settle_ms": 100})
+        assert cfg.source is not None
+        good = cfg.source.read_bytes()
+        d = Daemon(cfg)
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to watch")
+            cfg.source.write_bytes(good + b"# Radiolog\xeda\n")
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(d.events("config_reload_failed")) == 1, 30, "config_reload_failed")
+            assert "is not UTF-8 text (byte 0xed)" in str(d.events("config_reload_failed")[0]["error"])
+            raw = yaml.safe_load(good)
+            raw["explain"] = {"folder": "heat\0maps"}
+            cfg.source.write_text(yaml.safe_dump(raw))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(
+                lambda: len(d.events("config_reload_failed")) == 2, 30, "the second config_reload_failed"
+            )
+            assert "key 'explain.folder' holds a NUL character" in str(
+                d.events("config_reload_failed")[1]["error"]
+            )
+            raw = yaml.safe_load(good)
+            raw["listener"] = {"port": 11199}
+            cfg.source.write_text(yaml.safe_dump(raw))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(d.events("config_reloaded")), 30, "config_reloaded")
+            (event,) = d.events("config_reloaded")
+            assert ([], [], ["listener.port"]) == (
+                event["needs_restart"],
+                event["changed"],
+                event["for_the_listener"],
+            )
+            assert "info" == event["level"]
+            (cfg.inbox / "after.png").write_bytes(png_bytes(5))
+            wait_for(lambda: bool(d.events("batch_done")), 30, "a batch after the failed reloads")
+        finally:
+            assert 0 == d.stop()
+
+    def test_a_metrics_port_in_use_keeps_the_endpoint_and_is_tried_again(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """The new metrics.port is taken: the old endpoint went away for good, and a later SIGHUP
+        (the port freed) retried nothing. Now the old one keeps serving, the key is reported as
+        failed, and the next SIGHUP moves the endpoint."""
+        import signal
+        import socket
+
+        import yaml
+
+        from tests.harness import Daemon, wait_for
+        from tests.test_metrics import scrape
+
+        def free_port() -> int:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return int(sock.getsockname()[1])
+
+        first, second = free_port(), free_port()
+        cfg = make_config(metrics={"port": first, "host": "127.0.0.1"})
+        assert cfg.source is not None
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", second))
+        blocker.listen()
+        d = Daemon(cfg)
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to watch")
+            raw = yaml.safe_load(cfg.source.read_text())
+            raw["metrics"]["port"] = second
+            cfg.source.write_text(yaml.safe_dump(raw))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(d.events("config_reloaded")), 30, "config_reloaded")
+            (event,) = d.events("config_reloaded")
+            assert ([], ["metrics.port"]) == (event["changed"], event["failed"])
+            assert d.events("metrics_restart_failed")
+            assert "xray_watcher_files_total" in scrape(first)
+            blocker.close()
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(d.events("config_reloaded")) == 2, 30, "the second config_reloaded")
+            assert ["metrics.port"] == d.events("config_reloaded")[1]["changed"]
+            assert "xray_watcher_files_total" in scrape(second)
+        finally:
+            blocker.close()
             assert 0 == d.stop()

@@ -281,6 +281,31 @@ class TestCli:
         finally:
             os.close(fd)
 
+    def test_a_probe_at_the_instant_of_start_does_not_refuse_the_daemon(self, cfg: Config) -> None:
+        """`status`'s shared lock, held at the moment a daemon starts, made it exit with "another
+        xray-watcher ... already works here". The daemon now asks again for a second; a lock held
+        for good is still refused."""
+        import threading
+
+        from watcher.errors import WatcherError
+        from watcher.service import InstanceLock
+
+        cfg.work_dir.mkdir(parents=True)
+        lock = cfg.work_dir / "lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what status.lock_held takes
+        threading.Timer(0.3, os.close, (fd,)).start()
+        daemon_lock = InstanceLock(cfg.work_dir)
+        daemon_lock.acquire()
+        daemon_lock.release()
+        held = os.open(lock, os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            with pytest.raises(WatcherError, match="already works on this inbox"):
+                InstanceLock(cfg.work_dir).acquire()
+        finally:
+            os.close(held)
+
     def test_healthy(
         self, cfg: Config, lock_holder: subprocess.Popen[str], capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -274,6 +274,18 @@ def _build(cls: Any, raw: dict[str, Any], prefix: str, source: Path) -> Any:
     return cls(**kwargs)
 
 
+def _refuse_nul(value: Any, key: str, source: Path) -> None:
+    """A NUL character can be in no path or name the system takes: refused with its key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nul(v, f"{key}.{k}" if key else str(k), source)
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_nul(v, key, source)
+    elif isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{source}: key '{key}' holds a NUL character ({value!r})")
+
+
 def load_config(path: str | Path) -> Config:
     """Read, check and resolve a config file."""
     source = Path(path).expanduser().absolute()
@@ -281,12 +293,19 @@ def load_config(path: str | Path) -> Config:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {source}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:  # e.g. a comment saved in Latin-1 by an editor
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        byte = exc.object[exc.start]
+        raise ConfigError(
+            f"{source}: line {line} is not UTF-8 text (byte 0x{byte:02x}): save it as UTF-8"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    _refuse_nul(raw, "", source)
     cfg: Config = _build(Config, raw, "", source)
     for key in _FOLDER_KEYS:
         folder: Path = getattr(cfg, key)

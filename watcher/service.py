@@ -72,6 +72,7 @@ _MAX_BACKOFF_S = 60.0
 TICK_S = 5.0  # state file, STATUS= and queue-depth gauge
 DISK_CHECK_S = 300.0
 # what SIGHUP may change in a running daemon (the rest is logged as needing a restart)
+LOCK_RETRIES, LOCK_RETRY_S = 10, 0.1  # a held instance lock is asked again for 1 s
 _LIVE_SECTIONS = {"batch", "log", "metrics", "review"}
 _LIVE_KEYS = {"ingest.rescan_interval_s", "ingest.settle_ms", "model_poll_s", "report.min_free_mb"}
 
@@ -349,6 +350,11 @@ class InstanceLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = try_lock(self.path)
+        for _ in range(LOCK_RETRIES):  # `status` probes it with a shared lock for an instant
+            if fd is not None:
+                break
+            time.sleep(LOCK_RETRY_S)
+            fd = try_lock(self.path)
         if fd is None:
             raise WatcherError(
                 f"another xray-watcher with the same instance_id already works on this inbox "
@@ -403,7 +409,11 @@ class Service:
         # destinations that rows already name and whose files are still to be moved there
         # (recovery): no fresh file may plan one, whichever batch each lands in (reporter only)
         self._owed: set[Path] = set()
-        self._bad_versions: set[str] = set()
+        # versions CURRENT named that did not load, with their files' fingerprint: retried when
+        # the files change (a fixed mode, a version of that name published again) or on SIGHUP
+        self._bad_versions: dict[str, tuple[Any, ...]] = {}
+        self._model_problem = ""  # CURRENT's version does not serve: why, for status and STATUS=
+        self._pointer_error = ""  # the last model_pointer_unreadable logged (once per distinct error)
         self._last_model_check = time.monotonic()
         self.counts = {"ok": 0, "failed": 0, "batches": 0, "recovered": 0, "warnings": 0}
         self.metrics: metrics.Metrics | metrics.NoMetrics = metrics.NoMetrics()
@@ -461,9 +471,10 @@ class Service:
             if not self._wants_onnx():  # TensorFlow serves: its pools set before it loads a model
                 self._device = runtime.configure_tensorflow()
             log.info("device", **self._device)
-            if self.predictor is None:  # its Keras model is loaded by _prepare, where needed
-                self.predictor = Predictor(self.cfg.model_store, load_model=False)
-            self._prepare(self.predictor)
+            if self.predictor is None:
+                self.predictor = self._first_model()
+            else:
+                self._prepare(self.predictor)
             self._serving(self.predictor)
             warm_s = self.predictor.warm_up(self.cfg.batch.max_size)
             self._check_disk()
@@ -721,6 +732,7 @@ class Service:
             tick_s=TICK_S,
         )
         state["drift"] = self._drift_message
+        state["model_problem"] = self._model_problem
         try:
             self._status.write(state)
         except OSError as exc:
@@ -843,6 +855,52 @@ class Service:
         """A SIGHUP is pending or the model store is due a look (``model_poll_s``)."""
         return self._reload_now.is_set() or time.monotonic() - self._last_model_check >= self.cfg.model_poll_s
 
+    def _load_version(self, version: str) -> Predictor:
+        """``version`` made ready to serve (``_prepare``); any failure is a ``ModelStoreError``."""
+        try:
+            predictor = Predictor(self.cfg.model_store, version, load_model=False)
+            self._prepare(predictor)
+        except ModelStoreError:
+            raise
+        except Exception as exc:  # a damaged version must never take the daemon down
+            raise ModelStoreError(f"cannot load {version}: {type(exc).__name__}: {exc}") from exc
+        return predictor
+
+    def _first_model(self) -> Predictor:
+        """The version CURRENT names, ready to serve; where it cannot load, the newest earlier
+        promoted version that can (``model_fallback``, and ``status`` says the daemon is
+        degraded), so a restart after a bad promotion or a damaged version keeps scoring files.
+        Raises the first ``ModelStoreError`` when no version loads."""
+        store = self.cfg.model_store
+        wanted = model_store.current_version(store)
+        try:
+            return self._load_version(wanted)
+        except ModelStoreError as exc:
+            first = exc
+        self._bad_versions[wanted] = _fingerprint(store / wanted)
+        log.error("model_load_failed", version=wanted, error=str(first), serving=None)
+        try:
+            earlier = list(dict.fromkeys(reversed(model_store.promotion_stack(store))))
+        except (WatcherError, OSError):
+            earlier = []
+        for version in (v for v in earlier if v != wanted):
+            try:
+                predictor = self._load_version(version)
+            except ModelStoreError as exc:
+                log.error("model_load_failed", version=version, error=str(exc), serving=None)
+                continue
+            self._model_problem = f"CURRENT names {wanted}, which does not load ({first}); serving {version}"
+            log.error(
+                "model_fallback",
+                current=wanted,
+                serving=version,
+                error=str(first),
+                remedy=f"fix or roll back {wanted} (xray-watcher models rollback); "
+                "the daemon swaps as soon as CURRENT's version loads",
+            )
+            return predictor
+        raise first
+
     def _maybe_reload(self) -> None:
         if not self._reload_due():
             return
@@ -852,26 +910,44 @@ class Service:
         if forced:
             self._reload_config()
         assert self.predictor is not None
+        serving = self.predictor.version
         try:
             wanted = model_store.current_version(self.cfg.model_store)
-        except ModelStoreError as exc:
-            log.error("model_pointer_unreadable", error=str(exc), serving=self.predictor.version)
+        except (ModelStoreError, OSError) as exc:
+            if str(exc) != self._pointer_error:  # once per distinct error, not at every poll
+                log.error("model_pointer_unreadable", error=str(exc), serving=serving)
+            self._pointer_error = str(exc)
+            self._model_problem = f"{exc}; serving {serving}"
             return
-        if wanted == self.predictor.version or (wanted in self._bad_versions and not forced):
+        if self._pointer_error:
+            log.info("model_pointer_readable", current=wanted, serving=serving)
+            self._pointer_error = ""
+        if wanted == serving:
+            self._model_problem = ""
+            return
+        fingerprint = _fingerprint(self.cfg.model_store / wanted)
+        if not forced and self._bad_versions.get(wanted) == fingerprint:
             return
         try:
-            new = Predictor(self.cfg.model_store, wanted, load_model=False)
-            self._prepare(new)
+            new = self._load_version(wanted)
         except ModelStoreError as exc:
-            self._bad_versions.add(wanted)
-            log.error("model_load_failed", version=wanted, error=str(exc), serving=self.predictor.version)
+            self._bad_versions[wanted] = fingerprint
+            self._model_problem = f"CURRENT names {wanted}, which does not load ({exc}); serving {serving}"
+            log.error(
+                "model_load_failed",
+                version=wanted,
+                error=str(exc),
+                serving=serving,
+                retry="when the version's files change, or on SIGHUP",
+            )
             return
-        previous = self.predictor.version
+        self._bad_versions.pop(wanted, None)
         self.predictor = new
         self._serving(new)
+        self._model_problem = ""
         log.info(
             "model_swapped",
-            previous=previous,
+            previous=serving,
             model_version=new.version,
             threshold=new.threshold,
             runtime=new.runtime,
@@ -883,18 +959,22 @@ class Service:
             return
         try:
             new = load_config(self.cfg.source)
-        except ConfigError as exc:
-            log.error("config_reload_failed", error=str(exc), kept="the running configuration")
+        except Exception as exc:  # ConfigError, or anything a file can hold: never fatal here
+            error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("config_reload_failed", error=error, kept="the running configuration")
             return
         old = self.cfg
         changed = set(_diff(old, new))
+        # listener.* belongs to `xray-watcher listen`: restarting this daemon changes nothing there
+        listener = sorted(k for k in changed if k.startswith("listener."))
         live = {k for k in changed if k.split(".")[0] in _LIVE_SECTIONS or k in _LIVE_KEYS}
-        restart = sorted(changed - live)
+        restart = sorted(changed - live - set(listener))
         merged, running = new, _flat(old)
         for key in restart:  # keep the running value of what cannot change live
             merged = _with(merged, key, running[key])
         self.cfg = merged
         self.ingest.cfg = merged
+        failed: list[str] = []
         if any(k.startswith("log.") for k in live):
             configure_logging(merged.log.level, merged.log.format)
         if any(k.startswith("metrics.") for k in live):
@@ -902,14 +982,31 @@ class Service:
             try:
                 self._start_metrics()
             except WatcherError as exc:
-                log.error("metrics_restart_failed", error=str(exc))
-                self.metrics = metrics.NoMetrics()
+                # the old endpoint again, and the old keys kept: the next SIGHUP tries anew
+                failed = sorted(k for k in live if k.startswith("metrics."))
+                live -= set(failed)
+                self.cfg = self.ingest.cfg = merged = dataclasses.replace(merged, metrics=old.metrics)
+                log.error(
+                    "metrics_restart_failed", error=str(exc), kept=f"{old.metrics.host}:{old.metrics.port}"
+                )
+                try:
+                    self._start_metrics()
+                except WatcherError as again:
+                    log.error("metrics_restart_failed", error=str(again), kept="nothing: metrics are off")
+                    self.metrics = metrics.NoMetrics()
             if self.predictor is not None:
                 self.metrics.set_model(self.predictor.version)
         if any(k.startswith("review.") for k in live):
             page = merged.review_page
             self.review = ReviewPage(page, merged, max_rows=merged.review.max_rows) if page else None
-        log.info("config_reloaded", changed=sorted(live), needs_restart=restart)
+        # a change still waiting for a restart is worth an operator's attention
+        (log.warning if restart or failed else log.info)(
+            "config_reloaded",
+            changed=sorted(live),
+            needs_restart=restart,
+            failed=failed,
+            for_the_listener=listener,
+        )
 
     def _serving(self, predictor: Predictor) -> None:
         """What goes with a newly served version: population, explainer, drift reference, metric label."""
@@ -921,18 +1018,17 @@ class Service:
             )
         except ModelStoreError:
             metrics_json = None
-        reference = drift.reference_from_metadata(predictor.metadata, metrics_json)
-        if reference is None:
-            log.warning(
-                "drift_monitor_off",
-                model_version=predictor.version,
-                reason="the version records no validation score distribution",
-            )
-        else:
-            self._drift = drift.DriftMonitor(reference)
+        reason = "the version records no validation score distribution"
+        try:
+            reference = drift.reference_from_metadata(predictor.metadata, metrics_json)
+            self._drift = drift.DriftMonitor(reference) if reference is not None else None
+        except (ValueError, TypeError, KeyError) as exc:  # a stored reference of another shape
+            reason = f"its validation_reference is unusable: {exc}"
+        if self._drift is None:
+            log.warning("drift_monitor_off", model_version=predictor.version, reason=reason)
         try:
             self._population = population_of(predictor.metadata)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             log.error("intended_population_unreadable", model_version=predictor.version, error=str(exc))
             self._population = population_of({})
         self._explainer = None
@@ -947,8 +1043,10 @@ class Service:
                 self._explainer.predict_and_explain(
                     np.zeros((1, spec.height, spec.width, 1), np.float32), upsample=False
                 )
-            except ExplainError as exc:
-                log.error("heatmaps_unavailable", model_version=predictor.version, error=str(exc))
+            except Exception as exc:  # ExplainError, or a model Grad-CAM cannot run: rows without maps
+                self._explainer = None
+                error = str(exc) if isinstance(exc, ExplainError) else f"{type(exc).__name__}: {exc}"
+                log.error("heatmaps_unavailable", model_version=predictor.version, error=error)
 
     def _wants_onnx(self) -> bool:
         return runtime.wants_onnx(self.cfg.runtime, self._device.get("device"))
@@ -1225,3 +1323,20 @@ def _through_link(inbox: Path, path: Path) -> bool:
             return True
         folder = folder.parent
     return False
+
+
+def _fingerprint(folder: Path) -> tuple[Any, ...]:
+    """What changes when a version folder's files do (contents, modes, a folder made anew)."""
+    try:
+        entries = [folder, *sorted(folder.iterdir())]
+    except OSError as exc:
+        return (str(exc),)
+    out: list[Any] = []
+    for path in entries:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            out.append((path.name, str(exc)))
+            continue
+        out.append((path.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
+    return tuple(out)

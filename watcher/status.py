@@ -4,7 +4,8 @@ The daemon rewrites ``<inbox>/.xray-watcher/<instance>/status.json`` (``Config.s
 every tick with ``StatusWriter.write`` (temp file + rename: a reader never sees half a file).
 ``xray-watcher status`` reads it back: a daemon is *running* when the instance lock
 (``<work_dir>/lock``) is held, and *healthy* when the state file is the lock holder's (its pid
-alive and the one the holder wrote into the lock file) and its last tick is recent. A held lock
+alive and the one the holder wrote into the lock file), its last tick is recent and it serves
+the version the model store's CURRENT names (else *degraded*: ``model_problem`` says why). A held lock
 with no state file, or with an earlier daemon's (a restart: the new one is loading its model),
 is *starting*: running, not yet healthy.
 ``summary_line`` is the one-line ``STATUS=`` shown by ``systemctl status``.
@@ -216,8 +217,10 @@ def summary_line(state: Mapping[str, Any]) -> str:
     Like "serving v0002 · 1,234 ok · 5 failed · queue 0 · last batch 12:03:04Z".
     """
     last = parse_utc(state.get("last_batch_at"))
+    problem = state.get("model_problem")
     return " · ".join(
-        [
+        ([f"DEGRADED: {problem}"] if problem else [])
+        + [
             f"serving {state.get('model_version') or '?'}",
             f"{_count(state, 'files_ok')} ok",
             f"{_count(state, 'files_failed')} failed",
@@ -242,6 +245,8 @@ def evaluate(state: Mapping[str, Any], now: float, stale_after_s: float) -> tupl
     age = now - tick
     if age > stale_after_s:
         return False, f"stale: last tick {_ago(age)} ago (limit {stale_after_s:g} s); {summary_line(state)}"
+    if state.get("model_problem"):  # scoring, but not with the version CURRENT names
+        return False, summary_line(state)
     return True, summary_line(state)
 
 
@@ -411,6 +416,8 @@ def format_report(report: Mapping[str, Any], now: float) -> str:
             ),
             ("last tick", f"{_ago(now - last_tick)} ago" if last_tick is not None else "?"),
         ]
+        if state.get("drift"):
+            rows.append(("drift", str(state["drift"])))
         if disk:
             sizes = (
                 f"results {_bytes(disk.get('results_bytes'))}, "
