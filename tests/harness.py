@@ -296,3 +296,13 @@ class Daemon:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         return rc
+
+
+def notify_address() -> tuple[str, str]:
+    """A fresh abstract AF_UNIX address for a test's notify socket: what to bind, and the
+    ``NOTIFY_SOCKET`` value naming it (``@name``). A path under ``tmp_path`` can pass the
+    108-byte limit of socket paths when ``$TMPDIR`` is long."""
+    import uuid
+
+    name = f"xray-watcher-test-{uuid.uuid4().hex}"
+    return "\0" + name, "@" + name

@@ -48,7 +48,15 @@ from pynetdicom.dsutils import encode, encode_file_meta, split_dataset
 from structlog.testing import capture_logs
 
 from tests.conftest import fixture_images
-from tests.harness import Daemon, log_output_held, read_csv_both, returns_within, small_tmpfs, wait_for
+from tests.harness import (
+    Daemon,
+    log_output_held,
+    notify_address,
+    read_csv_both,
+    returns_within,
+    small_tmpfs,
+    wait_for,
+)
 from watcher import fsutil, listener
 from watcher.config import Config, load_config
 from watcher.errors import WatcherError
@@ -700,9 +708,9 @@ class TestCli:
 
     def test_sigterm_and_notify(self, cfg: Config, tmp_path: Path) -> None:
         """cli_main sends READY=1, serves, and on SIGTERM sends STOPPING=1 and exits 0."""
-        sock_path = tmp_path / "notify.sock"
+        sock_path, sock_env = notify_address()  # abstract: no path-length limit
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(str(sock_path))
+            sock.bind(sock_path)
             sock.settimeout(20)
             code = (
                 "import sys; from watcher.config import load_config;"
@@ -712,7 +720,7 @@ class TestCli:
             )
             proc = subprocess.Popen(
                 [sys.executable, "-c", code, str(cfg.source)],
-                env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "NOTIFY_SOCKET": sock_env, "PYTHONUNBUFFERED": "1"},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

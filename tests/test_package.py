@@ -33,13 +33,15 @@ WARNING_WORDS = ("Deprecat", "BuildBackendWarning", "SetuptoolsDeprecationWarnin
 
 def source_copy(dest: Path) -> Path:
     """The repository's files as a clean clone has them (plus new, not yet committed, files)."""
-    if (ROOT / ".git").exists() and shutil.which("git"):
-        listed = subprocess.run(
+    listing = None
+    if (ROOT / ".git").exists() and shutil.which("git"):  # refused for a checkout of another user
+        listing = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
             cwd=ROOT,
             capture_output=True,
-            check=True,
-        ).stdout.split(b"\0")
+        )
+    if listing is not None and listing.returncode == 0:
+        listed = listing.stdout.split(b"\0")
         for name in filter(None, (n.decode() for n in listed)):
             if (ROOT / name).is_file():
                 (dest / name).parent.mkdir(parents=True, exist_ok=True)

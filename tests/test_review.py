@@ -427,7 +427,23 @@ class TestDaemonPage:
 
 # ------------------------------------------------------------------ real browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+def _working_chromium() -> str | None:
+    """A chromium that answers --version (a snap stub on the PATH does not, in a container)."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path is None:
+            continue
+        try:
+            done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0 and "chrom" in done.stdout.lower():
+            return path
+    return None
+
+
+CHROMIUM = _working_chromium()
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="chromium is not installed: run scripts/ensure-chromium.sh (apt-get install chromium)",

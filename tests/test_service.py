@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import FULLRES, fixture_images, publish_tiny
-from tests.harness import Daemon, log_output_held, returns_within, wait_for
+from tests.harness import Daemon, log_output_held, notify_address, returns_within, wait_for
 from watcher.config import Config
 from watcher.errors import WatcherError
 from watcher.report import ResultRow, ResultsWriter, read_rows, utc_now
@@ -451,13 +451,13 @@ class TestSystemdNotify:
         """Under Type=notify the daemon reports READY, feeds the watchdog and says STOPPING."""
         import socket
 
-        sock_path = tmp_path / "notify.sock"
+        sock_path, sock_env = notify_address()  # abstract: no path-length limit
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(sock_path))
+        sock.bind(sock_path)
         sock.settimeout(0.5)
         messages: list[str] = []
         cfg = make_config()
-        d = Daemon(cfg, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        d = Daemon(cfg, env={"NOTIFY_SOCKET": sock_env, "WATCHDOG_USEC": "400000"})
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 2:
@@ -484,11 +484,11 @@ class TestSystemdNotify:
         reports that systemd did not take its messages, and stops on SIGTERM with exit 0."""
         import socket
 
-        sock_path = tmp_path / "notify.sock"
+        sock_path, sock_env = notify_address()  # abstract: no path-length limit
         reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        reader.bind(str(sock_path))  # bound, never read
+        reader.bind(sock_path)  # bound, never read
         filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        filler.connect(str(sock_path))
+        filler.connect(sock_path)
         filler.setblocking(False)
         queued = 0
         with contextlib.suppress(BlockingIOError):
@@ -498,7 +498,7 @@ class TestSystemdNotify:
         filler.close()
         assert queued < 100_000  # the queue is full: the next send would block
         cfg = make_config(ingest={"settle_ms": 100})
-        d = Daemon(cfg, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        d = Daemon(cfg, env={"NOTIFY_SOCKET": sock_env, "WATCHDOG_USEC": "400000"})
         try:
             d.wait_event("watching")
             shutil.copy(fixture_images()[0], cfg.inbox / "one.jpeg")
@@ -526,10 +526,10 @@ class TestSystemdNotify:
 
         from watcher import systemd
 
-        sock_path = tmp_path / "notify.sock"
+        sock_path, sock_env = notify_address()  # abstract: no path-length limit
         reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        reader.bind(str(sock_path))
-        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+        reader.bind(sock_path)
+        monkeypatch.setenv("NOTIFY_SOCKET", sock_env)
         monkeypatch.setitem(systemd._failures, "since_log", 0)
         monkeypatch.setitem(systemd._failures, "logged_at", float("-inf"))
         try:
@@ -564,11 +564,11 @@ class TestSystemdNotify:
 
         import watcher.service as service_module
 
-        sock_path = tmp_path / "notify.sock"
+        sock_path, sock_env = notify_address()  # abstract: no path-length limit
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(sock_path))
+        sock.bind(sock_path)
         sock.settimeout(0.05)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+        monkeypatch.setenv("NOTIFY_SOCKET", sock_env)
         monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
         monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
         entered, release = threading.Event(), threading.Event()

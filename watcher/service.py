@@ -839,8 +839,8 @@ class Service:
         try:
             while True:
                 self._reporter_beat = time.monotonic()
-                try:
-                    scored = self._scored.get(timeout=0.5)
+                try:  # beats well inside the watchdog's window (2 ping periods), however short
+                    scored = self._scored.get(timeout=min(0.5, self._ping_every or 0.5))
                 except queue.Empty:
                     continue
                 if scored is None:
