@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -316,3 +317,17 @@ class TestStoredGraph:
             assert float(row["probability"]) == pytest.approx(
                 float(converted_rows[name]["probability"]), abs=1e-5
             )
+
+
+def test_onnx_runtime_writes_nothing_under_home(tmp_path: Path) -> None:
+    """Importing onnxruntime through watcher.onnxrt leaves $HOME alone (ONNX Runtime 1.32 wrote a
+    telemetry device id and event database under ~/.cache/Microsoft/)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORT_")}
+    env["HOME"] = str(tmp_path)
+    code = "import watcher.onnxrt, onnxruntime; print(onnxruntime.__version__)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert 0 == done.returncode, done.stderr
+    assert [] == [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")]

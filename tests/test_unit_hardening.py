@@ -4,14 +4,16 @@ systemd is not PID 1 here, so the unit cannot be started. Instead the daemon run
 (`run --once` on the real full-size fixture radiographs) in a private mount and pid namespace
 set up like the unit's sandbox:
 
-- ProtectSystem=strict + ReadWritePaths=: every mount re-mounted read-only, except bind
-  mounts of the inbox, processed/, failed/ and the results folder (the model store and the
-  config stay read-only);
+- ProtectSystem=strict + ReadWritePaths= + ReadOnlyPaths=: every mount re-mounted read-only,
+  except a bind mount of each ReadWritePaths= entry (the data folder, once: inbox/ and
+  processed/ on one mount, so files are hard-linked, not copied), inside which each
+  ReadOnlyPaths= entry (the model store) is bound read-only again; the config stays read-only.
+  The paths are the unit's own, moved from /var/lib/xray-watcher to the test's data folder;
 - PrivateTmp=: fresh tmpfs on /tmp and /var/tmp; ProtectHome=yes: /home, /root, /run/user
   hidden (the interpreter's own folder is bound back when it lives there);
 - PrivateDevices=: a /dev with only null, zero, full, random, urandom, tty and a /dev/shm;
-- ProtectProc=invisible + ProcSubset=pid: a new /proc mounted with hidepid=invisible,subset=pid
-  (no /proc/cpuinfo, /proc/meminfo or /proc/sys: TensorFlow must cope);
+- ProtectProc=invisible + ProcSubset=: a new /proc mounted with hidepid=invisible (and
+  subset=pid if the unit asks for it, which hides /proc/cpuinfo from ONNX Runtime);
 - CapabilityBoundingSet= + NoNewPrivileges=yes: setpriv drops every capability;
 - SystemCallFilter=@system-service ~@privileged + SystemCallErrorNumber=EPERM +
   SystemCallArchitectures=native: a seccomp filter built from `systemd-analyze
@@ -24,7 +26,9 @@ other knobs enforced by systemd itself: those need systemd as PID 1.
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import hashlib
 import json
 import os
 import platform
@@ -33,6 +37,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +59,23 @@ def unit_settings(text: str) -> dict[str, list[str]]:
         key, _, value = line.partition("=")
         out.setdefault(key.strip(), []).append(value.strip())
     return out
+
+
+def unit_mounts(data: Path) -> tuple[list[Path], list[Path]]:
+    """The unit's ReadWritePaths= and ReadOnlyPaths=, /var/lib/xray-watcher moved to ``data``."""
+    s = unit_settings(UNIT.read_text())
+
+    def moved(key: str) -> list[Path]:
+        paths = [Path(p.lstrip("-")) for value in s.get(key, []) for p in value.split()]
+        return [data / p.relative_to("/var/lib/xray-watcher") for p in paths]
+
+    return moved("ReadWritePaths"), moved("ReadOnlyPaths")
+
+
+def proc_options() -> str:
+    """The /proc mount options of the unit's ProtectProc=invisible and ProcSubset=."""
+    s = unit_settings(UNIT.read_text())
+    return "hidepid=invisible" + (",subset=pid" if s.get("ProcSubset") == ["pid"] else "")
 
 
 def runnable_unit(tmp_path: Path) -> Path:
@@ -123,10 +145,12 @@ class TestUnitFile:
         assert ["on-failure"] == s["Restart"]
         assert s["WatchdogSec"]
         assert ["strict"] == s["ProtectSystem"]
-        assert [
-            "/var/lib/xray-watcher/inbox /var/lib/xray-watcher/processed "
-            "/var/lib/xray-watcher/failed /var/lib/xray-watcher/results"
-        ] == s["ReadWritePaths"]
+        # one mount for the data folder: link(2) from inbox/ into processed/ fails between two
+        assert ["/var/lib/xray-watcher"] == s["ReadWritePaths"]
+        assert ["/var/lib/xray-watcher/model_store"] == s["ReadOnlyPaths"]  # the service only reads it
+        # ONNX Runtime reads /proc/cpuinfo: with ProcSubset=pid it logs plain-text errors
+        assert (["invisible"], ["all"]) == (s["ProtectProc"], s["ProcSubset"])
+        assert "ORT_DISABLE_TELEMETRY=1" in " ".join(s["Environment"]).split()  # no device id under $HOME
         assert [""] == s["CapabilityBoundingSet"]
         assert ["AF_UNIX AF_INET AF_INET6"] == s["RestrictAddressFamilies"]
         assert ["@system-service", "~@privileged"] == s["SystemCallFilter"]
@@ -157,6 +181,32 @@ def mode(path: Path) -> str:
     return oct(path.stat().st_mode & 0o7777)
 
 
+def fake_wheel(folder: Path, marker: str) -> Path:
+    """A tiny wheel named xray-watcher 0.1.0 holding one module: two builds differ in ``marker``."""
+    files = {
+        "xw_probe.py": f"MARKER = {marker!r}\n",
+        "xray_watcher-0.1.0.dist-info/METADATA": (
+            "Metadata-Version: 2.1\nName: xray-watcher\nVersion: 0.1.0\n"
+        ),
+        "xray_watcher-0.1.0.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    files["xray_watcher-0.1.0.dist-info/RECORD"] = (
+        "\n".join([*record, "xray_watcher-0.1.0.dist-info/RECORD,,"]) + "\n"
+    )
+    folder.mkdir(parents=True)
+    wheel = folder / "xray_watcher-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return wheel
+
+
 class TestInstallScripts:
     def test_syntax(self) -> None:
         """Both scripts parse as POSIX sh."""
@@ -178,6 +228,12 @@ class TestInstallScripts:
         assert "0o755" == mode(data)
         etc = root / "etc" / "xray-watcher"
         assert ("0o750", "0o640") == (mode(etc), mode(etc / "config.yaml"))
+        assert "0o640" == mode(etc / "config.yaml.dist")  # this version's template, paths set
+        assert (etc / "config.yaml.dist").read_text() == (etc / "config.yaml").read_text()
+        # the installer's mark on PREFIX (uninstall-service.sh removes only a PREFIX that has it)
+        assert (root / "opt" / "xray-watcher" / ".xray-watcher-install").is_file()
+        # and the installed version (here: XW, the checkout's) takes the config it wrote
+        assert "xray-watcher check --config /etc/xray-watcher/config.yaml: ok" in proc.stdout
         units = root / "etc" / "systemd" / "system"
         assert UNIT.read_text() == (units / UNIT.name).read_text()  # default folders: unchanged
         listener = REPO / "systemd" / "xray-watcher-listener.service"
@@ -204,18 +260,121 @@ class TestInstallScripts:
         assert model_store.current_version(cfg.model_store) in model_store.list_versions(cfg.model_store)
 
     def test_rerun_keeps_config_and_models(self, tmp_path: Path) -> None:
-        """A second run (an upgrade) keeps an edited config.yaml and the model store."""
+        """A second run (an upgrade) keeps an edited config.yaml and the model store, and names
+        a template that is still there to compare with: ETC/config.yaml.dist, replaced."""
         root = tmp_path / "root"
         assert 0 == run_script(INSTALL, root).returncode
         config = root / "etc" / "xray-watcher" / "config.yaml"
         config.write_text(config.read_text() + "# edited by the site\n")
+        dist = config.with_name("config.yaml.dist")
+        dist.write_text("# an older version's template\n")
         current = root / DATA.lstrip("/") / "model_store" / "CURRENT"
-        current.write_text("v0001\n")
+        served = current.read_text()
+        note = current.with_name("site-note.txt")
+        note.write_text("kept\n")
         proc = run_script(INSTALL, root)
         assert 0 == proc.returncode, proc.stderr
         assert config.read_text().endswith("# edited by the site\n")
-        assert "v0001\n" == current.read_text()
+        assert (served, "kept\n") == (current.read_text(), note.read_text())
         assert "kept /etc/xray-watcher/config.yaml" in proc.stdout
+        named = re.findall(r"diff -u /etc/xray-watcher/config.yaml ([^\s)]+)", proc.stdout)
+        assert ["/etc/xray-watcher/config.yaml.dist"] == named, proc.stdout
+        assert re.search(r"^inbox: /var/lib/xray-watcher/inbox\b", dist.read_text(), re.M)  # replaced
+        assert "0o640" == mode(dist)
+
+    def test_check_after_install(self, tmp_path: Path) -> None:
+        """After installing, `xray-watcher check` runs on the config: a config the installed
+        version rejects is exit 3 (installed, not to be restarted), with the check's reason."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root).returncode
+        config = root / "etc" / "xray-watcher" / "config.yaml"
+        config.write_text(config.read_text().replace("\nbatch:", "\nbatch:\n  max_sise: 4", 1))
+        proc = run_script(INSTALL, root)
+        assert 3 == proc.returncode, proc.stdout + proc.stderr
+        assert "max_sise" in proc.stderr  # the check's own message
+        assert "'xray-watcher check --config /etc/xray-watcher/config.yaml' fails (exit 2)" in proc.stderr
+        assert "/etc/xray-watcher/config.yaml.dist" in proc.stderr
+        units = root / "etc" / "systemd" / "system"
+        assert (units / UNIT.name).exists()  # everything else was installed
+
+    @pytest.mark.slow
+    def test_upgrade_reinstalls_the_same_version(self, tmp_path: Path) -> None:
+        """A rebuilt wheel of the installed version is installed (pip alone skips it), and the
+        script says which version and which wheel (sha256) it installed."""
+        root = tmp_path / "root"
+        first = fake_wheel(tmp_path / "first", "first build")
+        second = fake_wheel(tmp_path / "second", "second build")
+        venv = dict(
+            VENV="create", PYTHON=sys.executable, PIP_ARGS="--no-deps --no-index", ALLOW_HOME_PYTHON="1"
+        )
+        proc = run_script(INSTALL, root, SOURCE=str(first), **venv)
+        assert 0 == proc.returncode, proc.stdout + proc.stderr
+        probes = list((root / "opt" / "xray-watcher" / ".venv").glob("lib/python*/site-packages/xw_probe.py"))
+        assert 1 == len(probes), probes
+        assert "first build" in probes[0].read_text()
+        proc = run_script(INSTALL, root, SOURCE=str(second), **venv)
+        assert 0 == proc.returncode, proc.stdout + proc.stderr
+        assert "second build" in probes[0].read_text()
+        digest = hashlib.sha256(second.read_bytes()).hexdigest()
+        assert (
+            f"installed xray-watcher 0.1.0 into /opt/xray-watcher/.venv from {second} (sha256 {digest})"
+            in (proc.stdout)
+        )
+        info = (root / "opt" / "xray-watcher" / ".xray-watcher-install").read_text()
+        assert ("xray-watcher 0.1.0", f"sha256: {digest}") == tuple(info.splitlines()[i] for i in (0, 2))
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("PREFIX", "/opt/xray watcher"),
+            ("DATA", "/var/lib/xray data"),
+            ("DATA", "/srv/a&b"),
+            ("ETC", "/etc/x|w"),
+            ("PREFIX", "/opt/x\\w"),
+            ("DATA", "/srv/xw%i"),
+            ("DATA", "/var/lib/"),
+            ("DATA", "//"),
+            ("PREFIX", "/opt/../usr"),
+            ("PREFIX", "/home/alice/xw"),
+            ("DATA", "/opt/xray-watcher/data"),
+        ],
+    )
+    def test_refuses_paths_a_unit_cannot_hold(self, tmp_path: Path, key: str, value: str) -> None:
+        """Whitespace or | & \\ % in PREFIX, DATA or ETC (the unit files would split or expand
+        it), a system folder in any spelling, a folder ProtectHome=yes hides, or one inside
+        another (uninstalling PREFIX would take DATA with it): one error line, exit 2, nothing
+        written."""
+        root = tmp_path / "root"
+        args = [value] if key == "PREFIX" else []
+        env = {} if key == "PREFIX" else {key: value}
+        proc = run_script(INSTALL, root, *args, **env)
+        assert 2 == proc.returncode, proc.stdout + proc.stderr
+        assert 1 == len(proc.stderr.splitlines()), proc.stderr
+        assert proc.stderr.startswith(f"install-service: error: {key} "), proc.stderr
+        assert not root.exists()
+
+    @pytest.mark.parametrize(
+        ("python", "home"),
+        [
+            ("/usr/bin/python3", "/root/.pyenv/versions/3.11.7/bin"),
+            ("/home/alice/py/bin/python3", "/usr/bin"),
+        ],
+    )
+    def test_refuses_a_venv_under_a_home(self, tmp_path: Path, python: str, home: str) -> None:
+        """A venv whose interpreter (or pyvenv.cfg `home`) lies under /home, /root or /run/user
+        cannot run under ProtectHome=yes: refused (exit 2) unless ALLOW_HOME_PYTHON=1."""
+        root = tmp_path / "root"
+        venv = root / "opt" / "xray-watcher" / ".venv"
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(python)
+        (venv / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = false\n")
+        proc = run_script(INSTALL, root)
+        assert 2 == proc.returncode, proc.stdout + proc.stderr
+        assert "ProtectHome=yes" in proc.stderr and "ALLOW_HOME_PYTHON=1" in proc.stderr
+        assert not (root / "etc").exists()  # refused before anything was written
+        proc = run_script(INSTALL, root, ALLOW_HOME_PYTHON="1")
+        assert 0 == proc.returncode, proc.stderr
+        assert "warning:" in proc.stdout
 
     def test_prefix_rewrites_the_unit(self, tmp_path: Path) -> None:
         """PREFIX moves the program; the installed unit's ExecStart follows."""
@@ -226,6 +385,26 @@ class TestInstallScripts:
             "ExecStart"
         ]
         assert (root / "srv" / "xw" / "README.md").exists()
+
+    def test_data_and_etc_rewrite_the_units(self, tmp_path: Path) -> None:
+        """DATA and ETC move the folders; both units follow (one writable mount for DATA, its
+        model store read-only), and a new path holding a default one is rewritten once."""
+        root = tmp_path / "root"
+        proc = run_script(INSTALL, root, "/srv/var/lib/xray-watcher/", DATA="/data//xw/", ETC="/srv/etc")
+        assert 0 == proc.returncode, proc.stderr
+        units = root / "etc" / "systemd" / "system"
+        unit = unit_settings((units / UNIT.name).read_text())
+        assert ["/srv/var/lib/xray-watcher/.venv/bin/xray-watcher run --config /srv/etc/config.yaml"] == unit[
+            "ExecStart"
+        ]
+        assert (["/data/xw"], ["/data/xw/model_store"]) == (unit["ReadWritePaths"], unit["ReadOnlyPaths"])
+        assert ["/data/xw"] == unit["WorkingDirectory"]
+        listener = unit_settings((units / "xray-watcher-listener.service").read_text())
+        assert ["/data/xw/inbox"] == listener["ReadWritePaths"]
+        assert (root / "data" / "xw" / "model_store" / "CURRENT").exists()
+        assert re.search(
+            r"^inbox: /data/xw/inbox\b", (root / "srv" / "etc" / "config.yaml").read_text(), re.M
+        )
 
     def test_gpu_dropin(self, tmp_path: Path) -> None:
         """GPU=yes installs systemd/gpu.conf as a drop-in."""
@@ -252,10 +431,59 @@ class TestInstallScripts:
         assert not (root / DATA.lstrip("/")).exists()
 
     def test_uninstall_refuses_a_system_folder(self, tmp_path: Path) -> None:
-        """A PREFIX such as /usr is never removed."""
-        proc = run_script(UNINSTALL, tmp_path, "/usr")
-        assert 2 == proc.returncode
-        assert "refusing" in proc.stderr
+        """A PREFIX such as /usr is never removed, however it is spelt: the other program under
+        /opt and the installation itself stay."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root).returncode
+        other = root / "opt" / "other-app" / "important"
+        other.parent.mkdir(parents=True)
+        other.write_text("keep me\n")
+        (root / "usr" / "local" / "lib").mkdir(parents=True)
+        for prefix in ("/usr", "/opt/", "/opt//", "//", "/opt/xray-watcher/..", "/usr/local/../local"):
+            proc = run_script(UNINSTALL, root, prefix)
+            assert (2, "uninstall-service: error: refusing") == (proc.returncode, proc.stderr[:34]), prefix
+            assert other.exists() and (root / "usr" / "local" / "lib").is_dir(), prefix
+            assert (root / "opt" / "xray-watcher" / "README.md").exists(), prefix
+            assert (root / "etc" / "systemd" / "system" / UNIT.name).exists(), prefix  # nothing removed
+
+    def test_uninstall_refuses_what_the_installer_did_not_make(self, tmp_path: Path) -> None:
+        """PREFIX must hold the installer's venv or mark; with --purge, DATA must hold inbox/ and
+        model_store/ and ETC a config.yaml with an inbox: key. A folder reached through a link
+        above it is judged where it resolves, and never outside ROOT."""
+        root = tmp_path / "root"
+        assert 0 == run_script(INSTALL, root).returncode
+        other = root / "srv" / "other-app"
+        (other / "bin").mkdir(parents=True)
+        (root / "etc" / "other").mkdir(parents=True)
+        (root / "etc" / "other" / "config.yaml").write_text("server: {port: 80}\n")
+        outside = tmp_path / "outside" / "prog"
+        (outside / ".venv" / "bin").mkdir(parents=True)
+        (outside / ".venv" / "bin" / "xray-watcher").write_text("#!/bin/sh\n")
+        (outside / ".venv" / "bin" / "xray-watcher").chmod(0o755)
+        (root / "opt" / "out").symlink_to(outside.parent)  # leads out of ROOT
+        (root / "opt" / "up").symlink_to(root)  # /opt/up/usr is /usr
+        (root / "usr").mkdir(exist_ok=True)
+        refused = [
+            run_script(UNINSTALL, root, "/srv/other-app"),
+            run_script(UNINSTALL, root, "/opt/out/prog"),
+            run_script(UNINSTALL, root, "/opt/up/usr"),
+            run_script(UNINSTALL, root, "--purge", DATA="/srv/other-app"),
+            run_script(UNINSTALL, root, "--purge", DATA="/var/lib/"),
+            run_script(UNINSTALL, root, "--purge", DATA="//"),
+            run_script(UNINSTALL, root, "--purge", ETC="/etc/other/"),
+            run_script(UNINSTALL, root, "--purge", ETC="/etc//"),
+        ]
+        assert [2] * len(refused) == [p.returncode for p in refused], [p.stderr for p in refused]
+        assert all("refusing" in p.stderr for p in refused), [p.stderr for p in refused]
+        assert (other / "bin").is_dir() and (root / "etc" / "other" / "config.yaml").exists()
+        assert (outside / ".venv" / "bin" / "xray-watcher").exists() and (root / "usr").is_dir()
+        assert (root / "opt" / "xray-watcher" / "README.md").exists()  # nothing removed
+        assert (root / DATA.lstrip("/") / "inbox").is_dir()
+        proc = run_script(UNINSTALL, root, "/opt//xray-watcher/", "--purge", DATA="/var/lib/xray-watcher/")
+        assert 0 == proc.returncode, proc.stderr
+        assert not (root / "opt" / "xray-watcher").exists() and not (root / DATA.lstrip("/")).exists()
+        assert not (root / "etc" / "xray-watcher").exists()
+        assert not os.path.lexists(root / "usr" / "local" / "bin" / "xray-watcher")
 
 
 # ---------------------------------------------------------------- the sandbox emulation
@@ -385,11 +613,14 @@ print(json.dumps(out))
 SANDBOX = r"""
 set -eu
 stage=$1; shift
-rw=$1; shift          # colon-separated ReadWritePaths
+rw=$1; shift          # colon-separated ReadWritePaths: each one a mount of its own, as systemd makes it
+ro=$1; shift          # colon-separated ReadOnlyPaths (inside those): bound again, read-only
 svc=$1; shift         # the folder holding config.yaml (under /tmp)
 keep=$1; shift        # colon-separated: interpreter, venv, repo (bound back if a hidden home holds them)
+procopts=$1; shift    # ProtectProc= and ProcSubset= as /proc mount options
 IFS=:
 for p in $rw; do mount --bind "$p" "$p"; done
+for p in $ro; do mount --bind "$p" "$p"; mount -o remount,bind,ro "$p"; done
 unset IFS
 # ProtectHome=yes
 n=0
@@ -433,8 +664,8 @@ done
 unset IFS
 mount --rbind "$stage/tmp" /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
-# ProtectProc=invisible, ProcSubset=pid (a new pid namespace may mount its own /proc)
-mount -t proc -o nosuid,nodev,noexec,hidepid=invisible,subset=pid proc /proc
+# ProtectProc=invisible, ProcSubset= (a new pid namespace may mount its own /proc)
+mount -t proc -o "nosuid,nodev,noexec,$procopts" proc /proc
 # ProtectSystem=strict: everything else read-only
 writable=":$rw:/tmp:/var/tmp:/dev/shm:"
 awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r mp; do
@@ -448,13 +679,15 @@ exec "$@"
 
 def in_sandbox(
     stage: Path,
-    rw: list[Path],
+    data: Path,
     svc: Path,
     argv: list[str],
     seccomp: list[int] | None,
     deny_write_execute: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` in the emulated sandbox: ``rw`` writable, ``svc`` (under /tmp) kept visible."""
+    """Run ``argv`` in the emulated sandbox of the unit, with its /var/lib/xray-watcher at
+    ``data`` (its ReadWritePaths= and ReadOnlyPaths=), ``svc`` (under /tmp) kept visible."""
+    rw, ro = unit_mounts(data)
     inner = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
     if seccomp is not None:
         inner += [sys.executable, str(Path(__file__).resolve())]
@@ -464,7 +697,8 @@ def in_sandbox(
     repo = Path(__file__).resolve().parents[1]
     keep = ":".join(sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, repo)}))
     unshare = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
-    script = ["sh", "-c", SANDBOX, "sandbox", str(stage), ":".join(map(str, rw)), str(svc), keep]
+    script = ["sh", "-c", SANDBOX, "sandbox", str(stage), ":".join(map(str, rw)), ":".join(map(str, ro))]
+    script += [str(svc), keep, proc_options()]
     return subprocess.run(
         [*unshare, *script, *inner, *argv],
         capture_output=True,
@@ -474,24 +708,28 @@ def in_sandbox(
     )
 
 
-SANDBOX_ENV = {  # as the unit sets them
-    "PYTHONUNBUFFERED": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "KERAS_HOME": "/tmp/keras",
-    "MPLCONFIGDIR": "/tmp/matplotlib",
+SANDBOX_ENV = {  # the unit's Environment= (no GPU here)
+    **dict(
+        item.split("=", 1)
+        for value in unit_settings(UNIT.read_text())["Environment"]
+        for item in value.split()
+    ),
     "CUDA_VISIBLE_DEVICES": "",
 }
 
 
 def service_layout(root: Path) -> Path:
-    """The installed layout in miniature, serving the shipped model (a real CNN: oneDNN's JIT runs)."""
+    """The installed layout in miniature, serving the shipped model (a real CNN: oneDNN's JIT
+    runs): root/config.yaml (/etc/xray-watcher) and root/data/ (/var/lib/xray-watcher)."""
+    data = root / "data"
     for name in ("inbox", "processed", "failed", "results"):
-        (root / name).mkdir(parents=True)
-    shutil.copytree(REPO / "model_store", root / "model_store", ignore=shutil.ignore_patterns(".build-*"))
+        (data / name).mkdir(parents=True)
+    shutil.copytree(REPO / "model_store", data / "model_store", ignore=shutil.ignore_patterns(".build-*"))
     config = root / "config.yaml"
     config.write_text(
-        "inbox: inbox\nprocessed: processed\nfailed: failed\nresults: results/results.csv\n"
-        "model_store: model_store\ninstance_id: sandboxed\nlog: {format: json}\n"
+        "inbox: data/inbox\nprocessed: data/processed\nfailed: data/failed\n"
+        "results: data/results/results.csv\n"
+        "model_store: data/model_store\ninstance_id: sandboxed\nlog: {format: json}\n"
         "ingest: {settle_ms: 0}\nbatch: {max_wait_ms: 50}\n"
     )
     return config
@@ -506,7 +744,7 @@ def stage(tmp_path: Path) -> Path:
         pytest.skip(f"the emulated PrivateTmp expects pytest's tmp_path under /tmp, got {tmp_path}")
     if not UNISTD.exists() or platform.machine() != "x86_64":
         pytest.skip(f"the seccomp emulation needs x86_64 and {UNISTD}")
-    mounts = "mount -t tmpfs tmpfs /var/tmp && mount -t proc -o subset=pid,hidepid=invisible proc /proc"
+    mounts = f"mount -t tmpfs tmpfs /var/tmp && mount -t proc -o {proc_options()} proc /proc"
     probe = subprocess.run(
         ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", mounts],
         capture_output=True,
@@ -531,29 +769,46 @@ class TestSandboxedRun:
         for src in FULLRES:
             shutil.copy(src, cfg.inbox / src.name)
         (cfg.inbox / "broken.jpeg").write_bytes(FULLRES[0].read_bytes()[:2000])
-        rw = [cfg.inbox, cfg.processed, cfg.failed, cfg.results.parent]
+        dropped = {p.name: p.stat().st_ino for p in cfg.inbox.iterdir()}
+        data = cfg.inbox.parent
+        rw = [data, cfg.inbox, cfg.processed, cfg.failed, cfg.results.parent]
         svc = cfg.source.parent
         allowed = allowed_syscalls(UNIT.read_text())
 
         probe_paths = [*rw, svc, cfg.model_store, Path("/tmp"), REPO, Path("/etc"), Path("/usr")]
-        probe = in_sandbox(stage, rw, svc, [sys.executable, "-c", PROBE, *map(str, probe_paths)], allowed)
+        probe = in_sandbox(stage, data, svc, [sys.executable, "-c", PROBE, *map(str, probe_paths)], allowed)
         assert 0 == probe.returncode, probe.stderr
         seen = json.loads(probe.stdout)
         writable = {k for k, v in seen.items() if v == "writable"}
-        assert {str(p) for p in [*rw, Path("/tmp")]} == writable
+        rw_mounts, ro_mounts = unit_mounts(data)  # what the unit's ReadWritePaths=/ReadOnlyPaths= allow
+
+        def under(path: Path, tops: list[Path]) -> bool:
+            return any(path == top or top in path.parents for top in tops)
+
+        allowed_rw = {str(p) for p in probe_paths if under(p, rw_mounts) and not under(p, ro_mounts)}
+        assert allowed_rw | {"/tmp"} == writable
+        assert {str(p) for p in rw[1:]} <= writable  # the four folders the daemon writes
         for path in (svc, cfg.model_store, REPO, Path("/etc"), Path("/usr")):
             assert "EROFS" == seen[str(path)], (path, seen)
-        assert (False, False) == (seen["/proc/cpuinfo"], seen["/proc/sys"])  # ProcSubset=pid
+        subset_pid = "subset=pid" in proc_options()
+        assert (not subset_pid, not subset_pid) == (seen["/proc/cpuinfo"], seen["/proc/sys"])  # ProcSubset=
         assert "hidepid=invisible" in seen["proc_opts"][-1]  # ProtectProc=invisible
         assert {"fd", "full", "null", "random", "shm", "tty", "urandom", "zero"} == set(seen["/dev"])
         assert ["0000000000000000"] == seen["caps"]  # CapabilityBoundingSet=
         assert "EPERM" == seen["setuid"]  # ~@privileged
 
         run = [sys.executable, "-m", "watcher", "run", "--once", "--config", str(cfg.source)]
-        proc = in_sandbox(stage, rw, svc, run, allowed)
+        proc = in_sandbox(stage, data, svc, run, allowed)
         assert 0 == proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert [] == [e for e in events if e.get("level") in ("error", "critical")]
+        # hard-linked from the inbox, not copied: the inbox and processed/ share one mount (a
+        # link(2) between two mounts fails with EXDEV, and each file would be copied and fsynced)
+        filed = {p.name: p.stat().st_ino for p in [*cfg.processed.rglob("*.jpeg"), *cfg.failed.iterdir()]}
+        assert dropped == filed
+        # no plain-text lines from ONNX Runtime in the journal: it found /proc/cpuinfo
+        # (ProcSubset=all) and did not try to keep a telemetry id under $HOME (Environment=)
+        assert [] == [line for line in proc.stderr.splitlines() if "cpuinfo" in line or "onnxruntime" in line]
         shipped = (Path(__file__).resolve().parents[1] / "model_store" / "CURRENT").read_text().strip()
         assert [shipped] == [e["model_version"] for e in events if e.get("event") == "model_loaded"]
         rows = {r["file"]: r for r in read_rows(cfg.results)}
@@ -573,14 +828,14 @@ class TestSandboxedRun:
 
         cfg = load_config(service_layout(tmp_path / "svc"))
         assert cfg.source is not None
-        rw = [cfg.inbox, cfg.processed, cfg.failed, cfg.results.parent]
+        data = cfg.inbox.parent
         allowed = allowed_syscalls(UNIT.read_text())
         wx = "import mmap; mmap.mmap(-1, 4096, prot=7)"  # the filter works: W+X is refused
-        probe = in_sandbox(stage, rw, cfg.source.parent, [sys.executable, "-c", wx], allowed, True)
+        probe = in_sandbox(stage, data, cfg.source.parent, [sys.executable, "-c", wx], allowed, True)
         assert "PermissionError" in probe.stderr
         shutil.copy(FULLRES[0], cfg.inbox / FULLRES[0].name)
         run = [sys.executable, "-m", "watcher", "run", "--once", "--config", str(cfg.source)]
-        proc = in_sandbox(stage, rw, cfg.source.parent, run, allowed, deny_write_execute=True)
+        proc = in_sandbox(stage, data, cfg.source.parent, run, allowed, deny_write_execute=True)
         assert 0 == proc.returncode, proc.stderr[-2000:]
         loaded = [json.loads(line) for line in proc.stdout.splitlines() if '"model_loaded"' in line]
         assert [("model.onnx", False)] == [(e["onnx_graph"], e["tensorflow_loaded"]) for e in loaded]
@@ -591,7 +846,7 @@ class TestSandboxedRun:
         # oneDNN is on by default only on CPUs with AVX-512 VNNI or newer: asked for here, so the
         # outcome does not depend on the machine (off, TensorFlow's Eigen kernels generate no code)
         onednn = [shutil.which("env") or "/usr/bin/env", "TF_ENABLE_ONEDNN_OPTS=1", *run]
-        proc = in_sandbox(stage, rw, cfg.source.parent, onednn, allowed, deny_write_execute=True)
+        proc = in_sandbox(stage, data, cfg.source.parent, onednn, allowed, deny_write_execute=True)
         # observed: oneDNN "could not create a primitive" (its JIT refused), or SIGSEGV in it
         assert 0 != proc.returncode
         events = [json.loads(line)["event"] for line in proc.stdout.splitlines() if line.startswith("{")]

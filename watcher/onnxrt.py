@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ from watcher.model_store import MODEL_FILE
 from watcher.runtime import import_tensorflow, usable_cores
 
 log = structlog.get_logger()
+
+# ONNX Runtime (1.32) otherwise writes a device id and an event queue for upload under
+# ~/.cache/Microsoft/ at import: nothing of a clinic's leaves with it, and $HOME is read-only
+# under the unit (a warning in the journal at every model load)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # images per session run and intra-op thread: on one thread (what the daemon gives the model on
 # 2 cores) the shipped model took 1.09-1.11 ms of CPU per image in runs of 4 images against
