@@ -219,6 +219,74 @@ def write_site_demo(data: Path, root: Path, probe: str = "aspect_0.79", per_clas
         cv2.imwrite(str(out), fn(img) if v.label in classes else img, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
 
+def one_per_patient(
+    labels: np.ndarray, groups: np.ndarray, idx: np.ndarray, per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Within ``idx``: ``per_class`` images per class, one per patient (a site's labelled sample),
+    and the images of every other patient (the rest it then scores); positions into ``idx``."""
+    rng = np.random.default_rng(seed + 2000)
+    sample, chosen = [], []
+    for c in (0, 1):
+        gs = np.unique(groups[idx][labels[idx] == c])
+        rng.shuffle(gs)
+        for g in gs[:per_class]:
+            members = np.where(groups[idx] == g)[0]
+            sample.append(int(rng.choice(members)))
+            chosen.append(g)
+    rest = np.where(~np.isin(groups[idx], chosen))[0]
+    return np.asarray(sample), rest
+
+
+def small_site_study(
+    args: argparse.Namespace, s: dict[str, Any], y: np.ndarray, groups: np.ndarray, conditions: list[str]
+) -> dict[str, Any]:
+    """Issue 8's go-live check, simulated: ``calibrate`` on 50 + 50 images (one per patient) of
+    the measured half under each condition, calls on the rest of that half. The threshold by
+    the plain sample rule and by ``site.site_threshold`` anchored on the version's own cut; and
+    the version as it is. Per condition: means and the share of draws that pass (accuracy >=
+    0.95 with sensitivity >= 0.95 on the rest)."""
+    from watcher import site
+
+    meta = model_store.read_metadata(args.store, args.version)
+    cut = site.base_raw_cut(
+        float(meta["threshold"]), float(meta.get("temperature", 1.0)), float(meta.get("logit_shift", 0.0))
+    )
+    draws: dict[tuple[str, str], list[dict[str, float]]] = {}
+    decisions: dict[str, dict[str, int]] = {}
+    for r in range(args.repeats):
+        for _, test_idx in (halves(y, groups, r), halves(y, groups, r)[::-1]):
+            pick, rest = one_per_patient(y, groups, test_idx, 50, r)
+            ys = y[test_idx]
+            for cond in conditions:
+                raw = s[f"raw:{cond}"][test_idx]
+                cal = calibration.fit_calibration(ys[pick], raw[pick], "balanced")
+                calls = {"as shipped": raw[rest] >= cut}
+                for name, base in (("sample rule", None), ("anchored", cut)):
+                    thr, dec = site.site_threshold(ys[pick], raw[pick], cal, FLOOR, "max_specificity", base)
+                    calls[name] = cal.apply(raw[rest]) >= thr
+                    if base is not None:
+                        d = decisions.setdefault(cond, {})
+                        d[dec["decision"]] = d.get(dec["decision"], 0) + 1
+                for name, called in calls.items():
+                    yr = ys[rest]
+                    sens, spec = float(called[yr == 1].mean()), float((~called[yr == 0]).mean())
+                    accuracy = float((called == (yr == 1)).mean())
+                    draws.setdefault((cond, name), []).append(
+                        {
+                            "sensitivity": sens,
+                            "specificity": spec,
+                            "accuracy": accuracy,
+                            "passes": float(accuracy >= 0.95 and sens >= 0.95),
+                        }
+                    )
+    out: dict[str, Any] = {"decisions_anchored": decisions}
+    for (cond, name), ms in draws.items():
+        out.setdefault(cond, {})[name] = {
+            k: [float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))] for k in ms[0]
+        }
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, required=True)
@@ -264,6 +332,7 @@ def main() -> int:
                 raw = s[f"raw:{cond}"][test_idx]
                 cal, thr = fit(SCHEMES["b_balanced"], y[test_idx][mask], raw[mask])
                 site_acc.setdefault(cond, []).append(measure(cal, thr, y[test_idx][~mask], raw[~mask]))
+    results["site_small"] = small_site_study(args, s, y, groups, conditions)
     for (sname, cond), ms in acc.items():
         results["cross_fit"].setdefault(cond, {})[sname] = {
             k: [float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))] for k in ms[0]

@@ -98,6 +98,61 @@ class TestPower:
         assert 125 == cal.min_positives_for(0.97)
 
 
+class TestSiteThreshold:
+    """``site.site_threshold``: the base version's cut, moved only where the sample gives reason."""
+
+    BASE = 0.5  # the base version's cut, as a model output
+
+    @staticmethod
+    def sample(pos: list[float], n_neg: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        neg = rng.uniform(0.01, 0.3, n_neg)
+        return np.r_[np.zeros(n_neg, int), np.ones(len(pos), int)], np.r_[neg, pos]
+
+    def fit(self, pos: list[float]) -> tuple[float, dict, cal.Calibration, float]:
+        y, raw = self.sample(pos)
+        c = cal.fit_calibration(y, raw, "balanced")
+        thr, decision = site.site_threshold(y, raw, c, 0.97, "max_specificity", self.BASE)
+        plain, _ = site.site_threshold(y, raw, c, 0.97, "max_specificity", None)
+        return thr, decision, c, plain
+
+    def test_two_hard_cases_among_fifty_keep_the_base_cut(self) -> None:
+        """Two PNEUMONIA images below the base's cut among 50 is what a 0.97-0.98 sensitivity
+        gives by chance: the plain rule would put the cut under the second (here 0.05)."""
+        pos = [0.04, 0.06, *np.linspace(0.6, 0.99, 48)]
+        thr, decision, c, plain = self.fit(pos)
+        assert "kept" == decision["decision"] and 2 == decision["missed_at_base_cut"]
+        assert thr == pytest.approx(float(c.apply(np.array([self.BASE]))[0]))
+        assert plain < thr  # what it would have been
+
+    def test_many_misses_lower_the_cut(self) -> None:
+        """Six of 50 below the base's cut: more than chance at 0.97 (p < 0.01), so it goes down."""
+        pos = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, *np.linspace(0.6, 0.99, 44)]
+        thr, decision, c, plain = self.fit(pos)
+        assert "lowered" == decision["decision"] and decision["p_value_missed"] < 0.01
+        assert thr == plain < float(c.apply(np.array([self.BASE]))[0])
+
+    def test_confident_positives_raise_it_with_the_floor_met_in_expectation(self) -> None:
+        """All 50 far above the cut: raised to just under the lowest (no miss allowed at n = 50:
+        (0 + 1) / 51 <= 0.03 < (1 + 1) / 51)."""
+        pos = list(np.linspace(0.8, 0.99, 50))
+        thr, decision, c, _ = self.fit(pos)
+        assert "raised" == decision["decision"] and 0 == decision["misses_allowed"]
+        low = float(c.apply(np.array([0.8]))[0])
+        assert float(c.apply(np.array([self.BASE]))[0]) < thr < low
+
+    def test_too_few_positives_never_raise_it(self) -> None:
+        y, raw = self.sample(list(np.linspace(0.8, 0.99, 25)))
+        c = cal.fit_calibration(y, raw, "balanced")
+        thr, decision = site.site_threshold(y, raw, c, 0.97, "max_specificity", self.BASE)
+        assert "kept" == decision["decision"] and thr == decision["threshold_at_base_cut"]
+
+    def test_base_cut_of_a_version(self) -> None:
+        """The model output at which the served probability equals the threshold."""
+        raw = site.base_raw_cut(0.6, 0.9, 0.4)
+        assert float(calibrate(np.array([raw]), 0.9, 0.4)[0]) == pytest.approx(0.6)
+
+
 # ------------------------------------------------------------------ calibrate
 
 
@@ -176,6 +231,14 @@ class TestCalibrateSite:
         assert meta["intended_population"]
         assert 0.5 == meta["calibration"]["assumed_prevalence"]
         assert {"normal_counts", "pneumonia_counts"} <= set(meta["validation_reference"])
+        decision = meta["site_calibration"]["threshold_decision"]  # anchored on v0002's cut
+        base = Predictor(store, "v0002")
+        assert decision["base_cut_model_output"] == pytest.approx(
+            site.base_raw_cut(base.threshold, base.temperature, base.logit_shift)
+        )
+        assert 27 == decision["pneumonia_images"] and decision["decision"] in ("kept", "lowered", "raised")
+        if decision["decision"] == "kept":
+            assert meta["threshold"] == pytest.approx(decision["threshold_at_base_cut"])
 
     def test_calibration_and_threshold_change_and_are_served(self, calibrated: tuple[Path, str]) -> None:
         """Threshold, temperature and shift differ from v0002's, and Predictor serves them."""

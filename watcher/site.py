@@ -112,11 +112,83 @@ def _load(data: Path, predictor: Any) -> dict[str, Any]:
     }
 
 
+SHIFT_ALPHA = 0.01  # the cut is lowered only on this much evidence that the base misses too many
+
+
+def base_raw_cut(threshold: float, temperature: float, logit_shift: float) -> float:
+    """The model output at which a version's served probability equals its threshold."""
+    z = temperature * float(calibration.logit(threshold)) - logit_shift
+    return float(calibration.sigmoid(z))
+
+
+def site_threshold(
+    y: npt.NDArray[np.int64],
+    raw: npt.NDArray[np.float64],
+    cal: calibration.Calibration,
+    min_sensitivity: float,
+    rule: str,
+    base_cut: float | None,
+) -> tuple[float, dict[str, Any]]:
+    """The threshold (in ``cal``'s probabilities) for a site sample, anchored on the base's cut.
+
+    The base's cut was chosen on its whole validation set; a sample of 50-500 images holds far
+    fewer PNEUMONIA images, and the plain rule (the best specificity with the sample's
+    sensitivity >= the floor) then rests on its one or two lowest-scored PNEUMONIA images:
+    two hard cases among 50 put the cut under the second of them, however low. So the cut
+    moves from the base's (the same model output, under the new calibration) only where the
+    sample gives reason:
+
+    - *lowered* (to the plain rule's cut) when the PNEUMONIA images the base's cut misses are
+      more than chance allows at the floor (one-sided binomial test at ``SHIFT_ALPHA``);
+    - *raised* (better specificity) as far as the sample allows with the floor met in
+      expectation: with ``n`` PNEUMONIA images, a cut just under the (m+1)-th lowest-scored
+      one misses a share (m+1)/(n+1) of the site's on average, so m is the largest with
+      (m+1)/(n+1) <= 1 - floor (none below 32 images at 0.97);
+    - else *kept*.
+
+    ``base_cut`` None: the plain rule. Returns the threshold and what was decided, for the
+    version's metadata.
+    """
+    from scipy.stats import binom  # type: ignore[import-untyped]
+
+    served = cal.apply(raw)
+    plain = calibration.choose_threshold(y, served, min_sensitivity, rule=rule)
+    if base_cut is None:
+        return plain, {"decision": "sample rule", "threshold": plain}
+    at_base = float(cal.apply(np.asarray([base_cut]))[0])
+    pos = raw[y == 1]
+    n = int(pos.size)
+    misses = int(np.sum(pos < base_cut))
+    p_value = float(binom.sf(misses - 1, n, 1.0 - min_sensitivity)) if n else 1.0
+    decision = {
+        "base_cut_model_output": base_cut,
+        "threshold_at_base_cut": at_base,
+        "pneumonia_images": n,
+        "missed_at_base_cut": misses,
+        "p_value_missed": p_value,
+        "threshold_sample_rule": plain,
+    }
+    if plain < at_base and p_value < SHIFT_ALPHA:
+        return plain, {**decision, "decision": "lowered"}
+    allowed = int(np.floor((1.0 - min_sensitivity) * (n + 1) - 1 + 1e-9))
+    if allowed >= 0:
+        raised = calibration.choose_threshold(y, served, 1.0 - (allowed + 0.5) / n, rule=rule)
+        if raised > at_base:
+            return raised, {**decision, "decision": "raised", "misses_allowed": allowed}
+    return at_base, {**decision, "decision": "kept"}
+
+
 def _fit(
-    y: npt.NDArray[np.int64], raw: npt.NDArray[np.float64], min_sensitivity: float, prior: str, rule: str
-) -> tuple[calibration.Calibration, float]:
+    y: npt.NDArray[np.int64],
+    raw: npt.NDArray[np.float64],
+    min_sensitivity: float,
+    prior: str,
+    rule: str,
+    base_cut: float | None = None,
+) -> tuple[calibration.Calibration, float, dict[str, Any]]:
     cal = calibration.fit_calibration(y, raw, prior)
-    return cal, calibration.choose_threshold(y, cal.apply(raw), min_sensitivity, rule=rule)
+    threshold, decision = site_threshold(y, raw, cal, min_sensitivity, rule, base_cut)
+    return cal, threshold, decision
 
 
 def cross_validate(
@@ -129,6 +201,7 @@ def cross_validate(
     folds: int = DEFAULT_FOLDS,
     n_boot: int = 1000,
     seed: int = 0,
+    base_cut: float | None = None,
 ) -> dict[str, Any]:
     """Out-of-fold calibrated probabilities and calls, pooled, with patient-bootstrap intervals.
 
@@ -145,10 +218,17 @@ def cross_validate(
     margin = np.zeros(y.size)
     fold_fits = []
     for tr, te in cv.split(np.zeros(y.size), y, groups):
-        cal, thr = _fit(y[tr], raw[tr], min_sensitivity, prior, rule)
+        cal, thr, decision = _fit(y[tr], raw[tr], min_sensitivity, prior, rule, base_cut)
         probs[te] = cal.apply(raw[te])
         margin[te] = calibration.sigmoid(calibration.logit(probs[te]) - calibration.logit(thr))
-        fold_fits.append({"threshold": thr, "temperature": cal.temperature, "logit_shift": cal.logit_shift})
+        fold_fits.append(
+            {
+                "threshold": thr,
+                "temperature": cal.temperature,
+                "logit_shift": cal.logit_shift,
+                "decision": decision["decision"],
+            }
+        )
     metrics = evaluation.binary_metrics(y, margin, 0.5)
     ci = evaluation.bootstrap_ci(y, margin, 0.5, groups, n_boot=n_boot, seed=seed)
     metrics["ece"] = evaluation.expected_calibration_error(y, probs)
@@ -223,11 +303,14 @@ def calibrate_site(
     if total < RECOMMENDED_TOTAL[0]:
         warnings.append(f"only {total} images: 50-500 are recommended")
     raw = _score(predictor, sample["x"])
-    cv = cross_validate(y, raw, sample["groups"], min_sensitivity, prior, rule, folds, n_boot, seed)
+    base_cut = base_raw_cut(predictor.threshold, predictor.temperature, predictor.logit_shift)
+    cv = cross_validate(
+        y, raw, sample["groups"], min_sensitivity, prior, rule, folds, n_boot, seed, base_cut=base_cut
+    )
     (_, _), (fn, _) = cv["confusion_matrix"]
     lower, power = power_warnings(counts["PNEUMONIA"], fn, min_sensitivity)
     warnings.extend(power)
-    cal, threshold = _fit(y, raw, min_sensitivity, prior, rule)
+    cal, threshold, decision = _fit(y, raw, min_sensitivity, prior, rule, base_cut)
     served = cal.apply(raw)
     base_meta = predictor.metadata
     cal_dict = cal.to_dict()
@@ -273,8 +356,11 @@ def calibrate_site(
                 shutil.copyfile(store / base_version / name, build / name)
         onnxrt.export_or_explain(build)  # checks the copied graph, or makes one
         rule_text = (
-            f"{'best specificity' if rule == 'max_specificity' else 'max Youden J'} subject to sensitivity "
-            f">= {min_sensitivity:g} on the site sample, midpoint to the next lower score"
+            f"{base_version}'s cut (the same model output), lowered to the "
+            f"{'best specificity' if rule == 'max_specificity' else 'max Youden J'} with sensitivity "
+            f">= {min_sensitivity:g} on the site sample where the sample's misses at that cut are more than "
+            f"chance allows (binomial, p < {SHIFT_ALPHA:g}), raised where the sample's PNEUMONIA images "
+            f"allow with the floor met in expectation; midpoint to the next lower score"
         )
         metrics = {
             "threshold": threshold,
@@ -293,6 +379,7 @@ def calibrate_site(
             "temperature": cal.temperature,
             "logit_shift": cal.logit_shift,
             "threshold_rule": rule_text,
+            "threshold_decision": decision,
             "warnings": warnings,
             "skipped": sample["skipped"],
         }
@@ -319,6 +406,7 @@ def calibrate_site(
                     "skipped_files": sample["skipped"],
                     "min_sensitivity": min_sensitivity,
                     "threshold_rule": rule_text,
+                    "threshold_decision": decision,
                     "warnings": warnings,
                 },
                 "validation": {
@@ -350,6 +438,7 @@ def calibrate_site(
         version=version,
         base=base_version,
         threshold=round(threshold, 4),
+        threshold_decision=decision["decision"],
         temperature=round(cal.temperature, 4),
         logit_shift=round(cal.logit_shift, 4),
         images=counts,
@@ -405,6 +494,15 @@ def cli_main(args: argparse.Namespace) -> int:
     def fmt(value: Any) -> str:  # an undefined figure is stored as null
         return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
+    decision = meta["site_calibration"].get("threshold_decision") or {}
+    if "missed_at_base_cut" in decision:
+        print(
+            f"threshold {decision['decision']}: at {meta['base_version']}'s cut, "
+            f"{decision['missed_at_base_cut']} of the sample's {decision['pneumonia_images']} "
+            "PNEUMONIA images missed "
+            f"(p = {decision['p_value_missed']:.3g} at the floor; lowered only below {SHIFT_ALPHA:g})",
+            file=sys.stderr,
+        )
     for name in ("sensitivity", "specificity", "roc_auc", "ece"):
         low, high = ci[name]
         print(
