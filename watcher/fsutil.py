@@ -99,6 +99,13 @@ def move_no_replace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (``os.write`` may take less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def atomic_write_bytes(
     path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True, exclusive: bool = False
 ) -> None:
@@ -117,9 +124,7 @@ def atomic_write_bytes(
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fchmod(fd, mode)
             if durable:
                 os.fsync(fd)

@@ -100,7 +100,7 @@ from watcher import failpoints, systemd
 from watcher.config import Config
 from watcher.dicom import check_deflated_size
 from watcher.errors import ConfigError, DecodeError, WatcherError
-from watcher.fsutil import fsync_dir, move_no_replace
+from watcher.fsutil import fsync_dir, move_no_replace, write_all
 from watcher.signals import SignalQueue, arm_exit_deadline
 from watcher.signals import restore as restore_signals
 
@@ -192,9 +192,7 @@ def write_instance(inbox: Path, uid: str, data: bytes) -> tuple[Path, bool]:
     fd, tmp = _create_part(inbox, uid)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 
 from watcher.errors import ModelStoreError
-from watcher.fsutil import atomic_write_text, fsync_dir
+from watcher.fsutil import atomic_write_text, fsync_dir, write_all
 
 log = structlog.get_logger()
 
@@ -229,9 +229,7 @@ def _append_history(store: Path, entry: dict[str, Any]) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
