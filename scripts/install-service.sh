@@ -39,8 +39,9 @@
 # root on a copy pointed into it) tells whether the installed version accepts the config and
 # loads the current model. Exit status: 0 installed and checked (or nothing to check yet);
 # 1 failed; 2 refused (a path or interpreter above, nothing changed); 3 installed, but the
-# check fails: fix config.yaml (compare it with ETC/config.yaml.dist, this version's
-# template) before (re)starting the service, which would otherwise stop with exit 2.
+# check fails: either the config (compare it with ETC/config.yaml.dist, this version's
+# template; the service would stop with exit 2) or the current model (the service would
+# fall back to the version promoted before it, DEGRADED): fix it before (re)starting.
 set -eu
 
 PREFIX=${1:-/opt/xray-watcher}
@@ -329,7 +330,12 @@ else
     else
         rc=$?
         sed 's/^/    /' "$work/check.out" >&2
-        printf 'install-service: error: %s\n' "xray-watcher ${version:+$version }is installed, but 'xray-watcher check --config $ETC/config.yaml' fails (exit $rc): a (re)start of the service would fail too. Fix config.yaml (this version's template: $ETC/config.yaml.dist) and run the check again before restarting" >&2
+        if [ "$rc" -eq 2 ]; then
+            why="this version refuses config.yaml, so a (re)start of the service would stop with exit 2. Fix config.yaml (this version's template: $ETC/config.yaml.dist)"
+        else
+            why="the model store's current version does not load with this version (see above), so a (re)started service would serve the version promoted before it, if that one loads, and report DEGRADED. Fix or roll back the model (xray-watcher models ...)"
+        fi
+        printf 'install-service: error: %s\n' "xray-watcher ${version:+$version }is installed, but 'xray-watcher check --config $ETC/config.yaml' fails (exit $rc): $why, and run the check again before restarting" >&2
         exit 3
     fi
 fi

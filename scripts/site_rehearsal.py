@@ -87,7 +87,9 @@ def score_rest(exe: Path, work: Path, store: Path, name: str) -> pd.DataFrame:
         f"instance_id: rehearsal-{name}\n"
     )
     with open(site / "run.log", "wb") as log:
-        subprocess.run([str(exe), "run", "--once", "--config", str(site / "config.yaml")], check=True, stdout=log)
+        subprocess.run(
+            [str(exe), "run", "--once", "--config", str(site / "config.yaml")], check=True, stdout=log
+        )
     frames = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in results_files(site / "results.csv")]
     return pd.concat(frames, ignore_index=True)
 
@@ -113,7 +115,9 @@ def figures(rows: pd.DataFrame, labels: dict[str, int]) -> dict[str, float | int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="the labelled training folder (NORMAL/, PNEUMONIA/)")
+    ap.add_argument(
+        "--data", type=Path, required=True, help="the labelled training folder (NORMAL/, PNEUMONIA/)"
+    )
     ap.add_argument("--store", type=Path, default=Path("model_store"))
     ap.add_argument("--base", help="version to calibrate (default: the store's current one)")
     ap.add_argument("--probe", default="aspect_0.79", choices=["none", *PROBES])
@@ -134,7 +138,17 @@ def main() -> int:
     model_store.set_current(store, base, reason="site rehearsal: the base version")
     base_rows = score_rest(exe, args.work, store, "base")
     subprocess.run(
-        [str(exe), "calibrate", "--data", str(args.work / "sample"), "--store", str(store), "--base", base, "--promote"],
+        [
+            str(exe),
+            "calibrate",
+            "--data",
+            str(args.work / "sample"),
+            "--store",
+            str(store),
+            "--base",
+            base,
+            "--promote",
+        ],
         check=True,
     )
     calibrated = model_store.current_version(store)
@@ -142,6 +156,8 @@ def main() -> int:
 
     table = {"probe": args.probe, "seed": args.seed, "base": figures(base_rows, labels)}
     table["calibrated"] = figures(cal_rows, labels)
+    if table["calibrated"]["model_version"] != calibrated:  # e.g. a fallback: not what was asked
+        raise SystemExit(f"the rest was scored by {table['calibrated']['model_version']}, not {calibrated}")
     meta = json.loads((store / str(calibrated) / "metadata.json").read_text())
     table["calibrated"]["cross_validated_on_sample"] = json.dumps(meta.get("validation", {}))
     (args.work / "figures.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -142,7 +142,8 @@ class TestSiteThreshold:
         assert float(c.apply(np.array([self.BASE]))[0]) < thr < low
 
     def test_too_few_positives_never_raise_it(self) -> None:
-        y, raw = self.sample(list(np.linspace(0.8, 0.99, 25)))
+        """32 PNEUMONIA images: (0 + 1) / 33 > 0.03, so not even a cut under the lowest is allowed."""
+        y, raw = self.sample(list(np.linspace(0.8, 0.99, 32)))
         c = cal.fit_calibration(y, raw, "balanced")
         thr, decision = site.site_threshold(y, raw, c, 0.97, "max_specificity", self.BASE)
         assert "kept" == decision["decision"] and thr == decision["threshold_at_base_cut"]

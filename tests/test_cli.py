@@ -329,6 +329,39 @@ class TestModels:
         assert [] == list(mine.glob(".build-*"))
         assert ["v0001", "v0002"] == sorted(p.name for p in mine.glob("v*"))
 
+    def test_import_under_nohup_survives_a_hang_up(self, store: Path, tmp_path: Path) -> None:
+        """A hang-up the caller ignores (`nohup xray-watcher train ...`) stays ignored: the
+        command goes on and publishes."""
+        mine = tmp_path / "store"
+        shutil.copytree(store, mine)
+        argv = [
+            sys.executable,
+            "-m",
+            "watcher",
+            "models",
+            "--store",
+            str(mine),
+            "import",
+            str(store / "v0001"),
+        ]
+
+        def ignore_hangup() -> None:  # what nohup does before it execs the command
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_hangup
+        ) as proc:
+            deadline = time.monotonic() + 60
+            while not list(mine.glob(".build-*")):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "no build folder within 60 s"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGHUP)
+            out, err = proc.communicate(timeout=120)
+        assert 0 == proc.returncode, err[-2000:]
+        assert "v0003" == out.strip()
+        assert ["v0001", "v0002", "v0003"] == sorted(p.name for p in mine.glob("v*"))
+
 
 IN_ONE_PROCESS = """
 import contextlib, io, json, sys

@@ -110,6 +110,71 @@ class TestAVersionThatDoesNotLoad:
         finally:
             assert 0 == d.stop()
 
+    def test_back_on_a_version_that_failed_is_degraded_again(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """CURRENT moved off a version that failed and back onto it, its files unchanged: it is not
+        loaded again (nothing changed), but `status` says DEGRADED again (it said healthy while
+        the daemon served another version than CURRENT's)."""
+        cfg = make_config()
+        store = cfg.model_store
+        d = Daemon(cfg)
+        try:
+            d.wait_event("watching")
+            bad = publish_tiny(store, promote=False)
+            _edit_metadata(store, bad, threshold=1.5)
+            model_store.set_current(store, bad, reason="test")
+            wait_for(lambda: not _status(cfg)["healthy"], 30, "DEGRADED")
+            model_store.set_current(store, "v0001", reason="test: back")
+            wait_for(lambda: bool(_status(cfg)["healthy"]), 30, "healthy after going back")
+            model_store.set_current(store, bad, reason="test: the same bad version again")
+            wait_for(lambda: not _status(cfg)["healthy"], 30, "DEGRADED again")
+            assert f"CURRENT names {bad}, which does not load" in str(_status(cfg)["summary"])
+            assert 1 == len(d.events("model_load_failed"))
+        finally:
+            assert 0 == d.stop()
+
+    def test_fallback_is_only_the_version_current_replaced(self, make_config: Callable[..., Config]) -> None:
+        """v0001, v0002, back to v0001 (v0002 withdrawn), then v0003. With v0003 and v0001 both
+        unusable the daemon served v0002, the withdrawn one; it now falls back only to the version
+        CURRENT replaced (v0001, what `models rollback` would go back to) and exits 1 without it."""
+        cfg = make_config()
+        store = cfg.model_store
+        withdrawn = publish_tiny(store, promote=True)
+        model_store.set_current(store, "v0001", reason="test: v0002 withdrawn")
+        newest = publish_tiny(store, promote=True)
+        for version in (newest, "v0001"):
+            _edit_metadata(store, version, threshold=7)
+        done = subprocess.run(
+            [sys.executable, "-m", "watcher", "run", "--once", "--config", str(cfg.source)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert 1 == done.returncode, done.stdout[-2000:]
+        assert f'"serving": "{withdrawn}"' not in done.stdout
+        tried = [json.loads(x)["version"] for x in done.stdout.splitlines() if '"model_load_failed"' in x]
+        assert [newest, "v0001"] == tried
+
+    def test_current_naming_a_deleted_version_falls_back(self, make_config: Callable[..., Config]) -> None:
+        """CURRENT names a version whose folder was deleted: the daemon exited 1 at every start;
+        it now serves the version CURRENT replaced, DEGRADED."""
+        cfg = make_config()
+        store = cfg.model_store
+        gone = publish_tiny(store, promote=True)
+        shutil.rmtree(store / gone)
+        d = Daemon(cfg)
+        try:
+            d.wait_event("watching")
+            (fallback,) = d.events("model_fallback")
+            assert (gone, "v0001") == (fallback["current"], fallback["serving"])
+            wait_for(
+                lambda: "DEGRADED: CURRENT cannot be used" in str(_status(cfg)["summary"]), 30, "DEGRADED"
+            )
+            assert 1 == len(d.events("model_pointer_unreadable"))
+        finally:
+            assert 0 == d.stop()
+
     def test_no_version_that_loads_is_still_an_error(self, make_config: Callable[..., Config]) -> None:
         cfg = make_config()
         store = cfg.model_store
@@ -163,6 +228,9 @@ class TestPointerThatNamesNothing:
             wait_for(lambda: bool(d.events("model_pointer_unreadable")), 30, "model_pointer_unreadable")
             time.sleep(2.0)  # several more polls
             assert 1 == len(d.events("model_pointer_unreadable"))
+            atomic_write_text(store / model_store.CURRENT_FILE, "v0098\n")  # another error: logged
+            wait_for(lambda: len(d.events("model_pointer_unreadable")) == 2, 30, "the second error")
+            assert "v0098" in str(d.events("model_pointer_unreadable")[1]["error"])
             wait_for(lambda: "DEGRADED" in str(_status(cfg)["summary"]), 30, "status to say degraded")
             atomic_write_text(store / model_store.CURRENT_FILE, "v0001\n")
             wait_for(lambda: bool(d.events("model_pointer_readable")), 30, "model_pointer_readable")

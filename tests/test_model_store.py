@@ -254,3 +254,23 @@ class TestVersionNames:
         shutil.rmtree(store / "v0002")
         assert "v0003" == self.publish_files(store)
         assert "v0009" == self.publish_files(store, at_least=9)  # init's bundled name still kept
+
+
+def test_an_interrupted_rollback_does_not_stop_the_next(tmp_path: Path) -> None:
+    """A rollback whose history line was written but whose CURRENT was not (a full disk, a kill
+    between the two) left the replay one version short: the next rollback was refused, saying
+    the history did not record CURRENT as promoted. The last entry, whose "from" is still
+    CURRENT, is now taken as never applied."""
+    store = tmp_path / "store"
+    for v in ("v0001", "v0002"):
+        (store / v).mkdir(parents=True)
+    history = [
+        {"at": "2026-11-01T00:00:00Z", "from": None, "to": "v0001", "reason": "t", "rollback": False},
+        {"at": "2026-11-02T00:00:00Z", "from": "v0001", "to": "v0002", "reason": "t", "rollback": False},
+        {"at": "2026-11-03T00:00:00Z", "from": "v0002", "to": "v0001", "reason": "r", "rollback": True},
+    ]
+    (store / model_store.HISTORY_FILE).write_text("".join(json.dumps(e) + "\n" for e in history))
+    (store / model_store.CURRENT_FILE).write_text("v0002\n")  # the rollback's CURRENT never written
+    assert ["v0001", "v0002"] == model_store.promotion_stack(store)
+    assert "v0001" == model_store.rollback(store)
+    assert "v0001" == model_store.current_version(store)

@@ -442,7 +442,12 @@ def _exit_on_hangup_or_term() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield
         return
-    before = {sig: signal.signal(sig, leave) for sig in _PUBLISHER_SIGNALS}
+    # a signal the caller ignores stays ignored: `nohup xray-watcher train ...` survives a hang-up
+    before = {
+        sig: signal.signal(sig, leave)
+        for sig in _PUBLISHER_SIGNALS
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:

@@ -279,11 +279,36 @@ def promotion_stack(store: Path) -> list[str]:
     history, an entry whose "from" is not the top of the stack but is in it says that what
     was recorded after that version's last occurrence never took effect (CURRENT could not
     be written after its history line): the stack is cut back to it first. An entry from a
-    version to itself changed nothing and is skipped. After the replay, a top that is not
-    CURRENT is cut back to CURRENT's last occurrence, where it has one.
+    version to itself changed nothing and is skipped. The last entry, whose "from" is still
+    CURRENT while the replay ends elsewhere, never took effect either (a promotion or a
+    rollback interrupted between its history line and CURRENT): it is left out. After the
+    replay, a top that is not CURRENT is cut back to CURRENT's last occurrence, where it has one.
     """
+    entries = _history(store)
+    current = _pointer(store)
+    stack = _replay(entries)
+    if (
+        current is not None
+        and entries
+        and stack
+        and stack[-1] != current
+        and entries[-1].get("from") == current
+    ):
+        stack = _replay(entries[:-1])
+    if current is not None and stack and stack[-1] != current and current in stack:
+        _cut_to(stack, current)
+    return stack
+
+
+def pointer(store: Path) -> str | None:
+    """What CURRENT says, whether or not it names a published version; None where it is
+    missing or cannot be read."""
+    return _pointer(store)
+
+
+def _replay(entries: list[dict[str, Any]]) -> list[str]:
     stack: list[str] = []
-    for entry in _history(store):
+    for entry in entries:
         to, frm = entry.get("to"), entry.get("from")
         if not isinstance(to, str) or not to or to == frm:
             continue
@@ -298,9 +323,6 @@ def promotion_stack(store: Path) -> list[str]:
                 stack.append(to)
         elif not stack or stack[-1] != to:
             stack.append(to)
-    current = _pointer(store)
-    if current is not None and stack and stack[-1] != current and current in stack:
-        _cut_to(stack, current)
     return stack
 
 

@@ -411,7 +411,7 @@ class Service:
         self._owed: set[Path] = set()
         # versions CURRENT named that did not load, with their files' fingerprint: retried when
         # the files change (a fixed mode, a version of that name published again) or on SIGHUP
-        self._bad_versions: dict[str, tuple[Any, ...]] = {}
+        self._bad_versions: dict[str, tuple[tuple[Any, ...], str]] = {}  # fingerprint, error
         self._model_problem = ""  # CURRENT's version does not serve: why, for status and STATUS=
         self._pointer_error = ""  # the last model_pointer_unreadable logged (once per distinct error)
         self._last_model_check = time.monotonic()
@@ -867,35 +867,47 @@ class Service:
         return predictor
 
     def _first_model(self) -> Predictor:
-        """The version CURRENT names, ready to serve; where it cannot load, the newest earlier
-        promoted version that can (``model_fallback``, and ``status`` says the daemon is
-        degraded), so a restart after a bad promotion or a damaged version keeps scoring files.
-        Raises the first ``ModelStoreError`` when no version loads."""
+        """The version CURRENT names, ready to serve. Where it cannot load (or CURRENT cannot be
+        read, or names a version that is gone), the version it replaced, the one ``models
+        rollback`` would go back to, where that one loads (``model_fallback``, and ``status``
+        says the daemon is degraded): a restart after a bad promotion or a damaged version keeps
+        scoring files, with no version older than that. Raises the first ``ModelStoreError``
+        when neither loads."""
         store = self.cfg.model_store
-        wanted = model_store.current_version(store)
         try:
-            return self._load_version(wanted)
+            wanted: str | None = model_store.current_version(store)
         except ModelStoreError as exc:
-            first = exc
-        self._bad_versions[wanted] = _fingerprint(store / wanted)
-        log.error("model_load_failed", version=wanted, error=str(first), serving=None)
+            wanted, first = None, exc
+            self._pointer_error = str(exc)  # logged here, not again at the first poll
+            log.error("model_pointer_unreadable", error=str(exc), serving=None)
+        if wanted is not None:
+            fingerprint = _fingerprint(store / wanted)  # before the load: a fix meanwhile is seen
+            try:
+                return self._load_version(wanted)
+            except ModelStoreError as exc:
+                first = exc
+            self._bad_versions[wanted] = (fingerprint, str(first))
+            log.error("model_load_failed", version=wanted, error=str(first), serving=None)
+        named = wanted or model_store.pointer(store)
         try:
-            earlier = list(dict.fromkeys(reversed(model_store.promotion_stack(store))))
+            stack = model_store.promotion_stack(store)
         except (WatcherError, OSError):
-            earlier = []
-        for version in (v for v in earlier if v != wanted):
+            stack = []
+        before = stack[-2:-1] if stack and stack[-1] == named else stack[-1:]
+        for version in (v for v in before if v != named):
             try:
                 predictor = self._load_version(version)
             except ModelStoreError as exc:
                 log.error("model_load_failed", version=version, error=str(exc), serving=None)
-                continue
-            self._model_problem = f"CURRENT names {wanted}, which does not load ({first}); serving {version}"
+                break
+            what = f"CURRENT names {wanted}, which does not load" if wanted else "CURRENT cannot be used"
+            self._model_problem = f"{what} ({first}); serving {version}"
             log.error(
                 "model_fallback",
-                current=wanted,
+                current=named,
                 serving=version,
                 error=str(first),
-                remedy=f"fix or roll back {wanted} (xray-watcher models rollback); "
+                remedy="fix CURRENT's version or roll back (xray-watcher models rollback); "
                 "the daemon swaps as soon as CURRENT's version loads",
             )
             return predictor
@@ -926,12 +938,17 @@ class Service:
             self._model_problem = ""
             return
         fingerprint = _fingerprint(self.cfg.model_store / wanted)
-        if not forced and self._bad_versions.get(wanted) == fingerprint:
+        known = self._bad_versions.get(wanted)
+        if not forced and known is not None and known[0] == fingerprint:
+            # CURRENT back on a version that failed, its files unchanged: still degraded
+            self._model_problem = (
+                f"CURRENT names {wanted}, which does not load ({known[1]}); serving {serving}"
+            )
             return
         try:
             new = self._load_version(wanted)
         except ModelStoreError as exc:
-            self._bad_versions[wanted] = fingerprint
+            self._bad_versions[wanted] = (fingerprint, str(exc))
             self._model_problem = f"CURRENT names {wanted}, which does not load ({exc}); serving {serving}"
             log.error(
                 "model_load_failed",

@@ -143,7 +143,7 @@ def site_threshold(
     - *raised* (better specificity) as far as the sample allows with the floor met in
       expectation: with ``n`` PNEUMONIA images, a cut just under the (m+1)-th lowest-scored
       one misses a share (m+1)/(n+1) of the site's on average, so m is the largest with
-      (m+1)/(n+1) <= 1 - floor (none below 32 images at 0.97);
+      (m+1)/(n+1) <= 1 - floor (none below 33 images at 0.97);
     - else *kept*.
 
     ``base_cut`` None: the plain rule. Returns the threshold and what was decided, for the
