@@ -242,3 +242,37 @@ class TestConfigReload:
         finally:
             blocker.close()
             assert 0 == d.stop()
+
+    def test_status_with_an_edited_instance_id_finds_the_running_daemon(
+        self, make_config: Callable[..., Config]
+    ) -> None:
+        """instance_id edited (it waits for a restart) and SIGHUP: `status` with the edited file
+        looked in the new instance's folder and said "not running" (exit 1) while the daemon
+        scored files. The daemon leaves word there; status reports it, with the pending restart."""
+        import signal
+
+        import yaml
+
+        from tests.harness import Daemon, wait_for
+        from watcher import status
+        from watcher.config import load_config
+
+        cfg = make_config()
+        assert cfg.source is not None
+        d = Daemon(cfg)
+        try:
+            wait_for(lambda: bool(d.events("watching")), 120, "the daemon to watch")
+            wait_for(lambda: bool(status.check(cfg)["healthy"]), 30, "healthy")
+            raw = yaml.safe_load(cfg.source.read_text())
+            raw["instance_id"] = "renamed"
+            cfg.source.write_text(yaml.safe_dump(raw))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: bool(d.events("config_reloaded")), 30, "config_reloaded")
+            edited = load_config(cfg.source)
+            report = status.check(edited)
+            assert (True, True) == (report["running"], report["healthy"]), report["summary"]
+            assert "restart pending (instance_id changed" in report["summary"]
+            assert d.proc.pid == report["state"]["pid"]
+        finally:
+            assert 0 == d.stop()
+        assert not status.check(edited)["running"]  # the daemon is gone: its word no longer holds

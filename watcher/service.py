@@ -62,7 +62,7 @@ from watcher.logs import capture_library_warnings, configure_logging
 from watcher.report import ResultRow, ResultsWriter, find_rows, format_utc, low_disk_warning
 from watcher.review import ReviewPage
 from watcher.signals import SignalQueue, arm_exit_deadline
-from watcher.status import DiskUsage, StatusWriter, make_state, summary_line
+from watcher.status import DiskUsage, StatusWriter, clear_pending, make_state, summary_line, write_pending
 
 log = structlog.get_logger()
 
@@ -465,6 +465,7 @@ class Service:
         log.info("starting", version=__version__, config=str(self.cfg.source), instance=self.cfg.instance_id)
         self._lock.acquire()
         try:
+            clear_pending(self.cfg.work_dir)  # word an earlier daemon left for `status` here
             self.results.open()
             self._start_metrics()
             self._device = runtime.detect_device()
@@ -991,6 +992,11 @@ class Service:
             merged = _with(merged, key, running[key])
         self.cfg = merged
         self.ingest.cfg = merged
+        if new.work_dir != old.work_dir:  # `status` with the edited file looks there: leave word
+            try:
+                write_pending(new.work_dir, old.work_dir, restart)
+            except OSError as exc:
+                log.warning("restart_pending_note_failed", path=str(new.work_dir), error=str(exc))
         failed: list[str] = []
         if any(k.startswith("log.") for k in live):
             configure_logging(merged.log.level, merged.log.format)

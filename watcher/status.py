@@ -327,31 +327,83 @@ def pid_alive(pid: object) -> bool:
     return True
 
 
+PENDING_FILE = "restart-pending.json"
+
+
+def write_pending(new_work_dir: Path, running_work_dir: Path, needs_restart: list[str]) -> None:
+    """Leave word where a config file now sends ``status`` (a SIGHUP changed ``inbox`` or
+    ``instance_id``, which wait for a restart): this daemon still works in ``running_work_dir``."""
+    note = {
+        "pid": os.getpid(),
+        "work_dir": str(running_work_dir),
+        "needs_restart": needs_restart,
+        "since": iso_utc(time.time()),
+    }
+    StatusWriter(new_work_dir / PENDING_FILE).write(note)
+
+
+def clear_pending(work_dir: Path) -> None:
+    """A daemon working in ``work_dir`` now: no earlier one's word is needed there."""
+    with contextlib.suppress(FileNotFoundError):
+        (work_dir / PENDING_FILE).unlink()
+
+
+def _pending(work_dir: Path) -> dict[str, Any] | None:
+    """A running daemon's word left in ``work_dir`` (``write_pending``), if it still holds."""
+    try:
+        note = read_status(work_dir / PENDING_FILE)
+    except (OSError, ValueError):
+        return None
+    running = note.get("work_dir")
+    if not isinstance(running, str) or not pid_alive(note.get("pid")) or Path(running) == work_dir:
+        return None
+    return note if lock_held(Path(running) / "lock") else None
+
+
 def check(cfg: Config, now: float | None = None) -> dict[str, Any]:
-    """Everything ``xray-watcher status`` reports, as one dict."""
+    """Everything ``xray-watcher status`` reports, as one dict.
+
+    Where the config file names an inbox or instance id the running daemon does not use yet
+    (changed, waiting for a restart), the daemon left word there (``write_pending``): it is
+    reported from its own folder, with ``restart_pending``, rather than as not running.
+    """
     now = time.time() if now is None else now
+    report = _check_at(cfg, cfg.work_dir, now)
+    if not report["running"] and (note := _pending(cfg.work_dir)) is not None:
+        report = _check_at(cfg, Path(note["work_dir"]), now)
+        report["restart_pending"] = note
+        keys = ", ".join(str(k) for k in note.get("needs_restart") or []) or "the config"
+        report["summary"] = (
+            f"restart pending ({keys} changed in the config file; the running daemon, pid "
+            f"{note.get('pid')}, still uses its own, in {note['work_dir']}): {report['summary']}"
+        )
+    return report
+
+
+def _check_at(cfg: Config, work_dir: Path, now: float) -> dict[str, Any]:
+    status_file = work_dir / cfg.status_file.name
     report: dict[str, Any] = {
         "instance": cfg.instance_id,
         "config": str(cfg.source) if cfg.source else None,
-        "status_file": str(cfg.status_file),
+        "status_file": str(status_file),
         "running": False,
         "healthy": False,
         "summary": "",
         "state": None,
         "lock_pid": None,  # the lock holder's pid, from the lock file, when it is held and alive
     }
-    lock = cfg.work_dir / "lock"
+    lock = work_dir / "lock"
     held = lock_held(lock)
     try:
-        state: State | None = read_status(cfg.status_file)
+        state: State | None = read_status(status_file)
     except FileNotFoundError:
         state = None
     except (OSError, ValueError) as exc:
         state = None
-        report["summary"] = f"cannot read {cfg.status_file}: {exc}"
+        report["summary"] = f"cannot read {status_file}: {exc}"
     report["state"] = state
     if held is None:
-        report["summary"] = f"cannot open the instance lock {cfg.work_dir / 'lock'} (permission?)"
+        report["summary"] = f"cannot open the instance lock {lock} (permission?)"
         return report
     if not held:
         report["summary"] = "not running (the instance lock is free)"
