@@ -317,7 +317,13 @@ class TestModels:
             "import",
             str(store / "v0001"),
         ]
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+
+        def default_disposition() -> None:  # a suite run under nohup would pass SIGHUP on ignored
+            signal.signal(sig, signal.SIG_DFL)
+
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_disposition
+        ) as proc:
             deadline = time.monotonic() + 60
             while not list(mine.glob(".build-*")):
                 assert proc.poll() is None, proc.communicate()
