@@ -915,8 +915,16 @@ class Service:
         raise first
 
     def _maybe_reload(self) -> None:
+        """A due look at the model store (and config on SIGHUP); ``status`` sees a change of the
+        model's health at once, not at the next tick."""
         if not self._reload_due():
             return
+        problem = self._model_problem
+        self._reload_model()
+        if self._model_problem != problem:
+            self._tick(force=True)
+
+    def _reload_model(self) -> None:
         forced = self._reload_now.is_set()
         self._reload_now.clear()
         self._last_model_check = time.monotonic()
