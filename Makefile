@@ -26,7 +26,7 @@ run: install
 
 test: install-dev
 	@sh scripts/ensure-chromium.sh || echo "make test: no Chromium, so the review page's browser test will be skipped (see above)"
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 lint: install-dev
 	$(VENV)/bin/ruff check watcher tests
