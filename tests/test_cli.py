@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -299,12 +300,12 @@ class TestModels:
             )
         assert "v0002" == (mine / "CURRENT").read_text().strip()
 
-    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-    def test_import_stopped_by_a_signal_leaves_no_build_folder(
-        self, store: Path, tmp_path: Path, sig: signal.Signals
-    ) -> None:
-        """`models import` ended by SIGTERM (timeout, systemd) or SIGHUP (a dropped ssh session)
-        while its hidden build folder is in the store removes that folder and exits 128 + N."""
+    @staticmethod
+    def _import_signalled(
+        store: Path, tmp_path: Path, sig: signal.Signals, disposition: Any
+    ) -> tuple[subprocess.Popen[str], str, str, Path]:
+        """`models import` into a copy of ``store``, ``sig`` sent once its hidden build folder is
+        there; the child starts with ``disposition`` for ``sig`` (as a shell or nohup leaves it)."""
         mine = tmp_path / "store"
         shutil.copytree(store, mine)
         argv = [
@@ -317,12 +318,12 @@ class TestModels:
             "import",
             str(store / "v0001"),
         ]
-
-        def default_disposition() -> None:  # a suite run under nohup would pass SIGHUP on ignored
-            signal.signal(sig, signal.SIG_DFL)
-
         with subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_disposition
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(sig, disposition),
         ) as proc:
             deadline = time.monotonic() + 60
             while not list(mine.glob(".build-*")):
@@ -330,7 +331,18 @@ class TestModels:
                 assert time.monotonic() < deadline, "no build folder within 60 s"
                 time.sleep(0.01)
             proc.send_signal(sig)
-            _, err = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=120)
+        return proc, out, err, mine
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+    def test_import_stopped_by_a_signal_leaves_no_build_folder(
+        self, store: Path, tmp_path: Path, sig: signal.Signals
+    ) -> None:
+        """`models import` ended by SIGTERM (timeout, systemd) or SIGHUP (a dropped ssh session)
+        while its hidden build folder is in the store removes that folder and exits 128 + N.
+        (The signal's default disposition in the child: a suite run under nohup passes SIGHUP on
+        ignored.)"""
+        proc, _, err, mine = self._import_signalled(store, tmp_path, sig, signal.SIG_DFL)
         assert 128 + sig == proc.returncode, err[-2000:]
         assert [] == list(mine.glob(".build-*"))
         assert ["v0001", "v0002"] == sorted(p.name for p in mine.glob("v*"))
@@ -338,32 +350,7 @@ class TestModels:
     def test_import_under_nohup_survives_a_hang_up(self, store: Path, tmp_path: Path) -> None:
         """A hang-up the caller ignores (`nohup xray-watcher train ...`) stays ignored: the
         command goes on and publishes."""
-        mine = tmp_path / "store"
-        shutil.copytree(store, mine)
-        argv = [
-            sys.executable,
-            "-m",
-            "watcher",
-            "models",
-            "--store",
-            str(mine),
-            "import",
-            str(store / "v0001"),
-        ]
-
-        def ignore_hangup() -> None:  # what nohup does before it execs the command
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-        with subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_hangup
-        ) as proc:
-            deadline = time.monotonic() + 60
-            while not list(mine.glob(".build-*")):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "no build folder within 60 s"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGHUP)
-            out, err = proc.communicate(timeout=120)
+        proc, out, err, mine = self._import_signalled(store, tmp_path, signal.SIGHUP, signal.SIG_IGN)
         assert 0 == proc.returncode, err[-2000:]
         assert "v0003" == out.strip()
         assert ["v0001", "v0002", "v0003"] == sorted(p.name for p in mine.glob("v*"))
