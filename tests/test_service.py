@@ -365,6 +365,10 @@ class TestSignals:
         cfg = make_config()
         d = Daemon(cfg)
         d.wait_event("watching")
+        # the first state file is written just before the main thread enters its loop: "watching"
+        # alone came a moment too early on a loaded machine (the dump then showed it in run())
+        wait_for(cfg.status_file.exists, 30, "the first state file")
+        time.sleep(1.0)
         rc = d.stop(signal.SIGABRT)
         assert -signal.SIGABRT == rc
         dump = "".join(str(e["text"]) for e in d.events("raw"))
