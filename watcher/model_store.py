@@ -193,8 +193,9 @@ def _recorded_numbers(store: Path) -> list[int]:
     return numbers
 
 
-def _pointer(store: Path) -> str | None:
-    """What CURRENT says, checked or not; None where it is missing or unreadable."""
+def pointer(store: Path) -> str | None:
+    """What CURRENT says, whether or not it names a published version; None where it is
+    missing or cannot be read."""
     try:
         return (store / CURRENT_FILE).read_text(encoding="utf-8").strip() or None
     except (OSError, ValueError):
@@ -250,7 +251,7 @@ def set_current(store: Path, version: str, reason: str, is_rollback: bool = Fals
 
 
 def _set_current_locked(store: Path, version: str, reason: str, is_rollback: bool) -> bool:
-    previous = _pointer(store)
+    previous = pointer(store)
     if previous == version:
         log.info("model_already_current", version=version, reason=reason)
         return False
@@ -285,7 +286,7 @@ def promotion_stack(store: Path) -> list[str]:
     replay, a top that is not CURRENT is cut back to CURRENT's last occurrence, where it has one.
     """
     entries = _history(store)
-    current = _pointer(store)
+    current = pointer(store)
     stack = _replay(entries)
     if (
         current is not None
@@ -298,12 +299,6 @@ def promotion_stack(store: Path) -> list[str]:
     if current is not None and stack and stack[-1] != current and current in stack:
         _cut_to(stack, current)
     return stack
-
-
-def pointer(store: Path) -> str | None:
-    """What CURRENT says, whether or not it names a published version; None where it is
-    missing or cannot be read."""
-    return _pointer(store)
 
 
 def _replay(entries: list[dict[str, Any]]) -> list[str]:

@@ -901,8 +901,7 @@ class Service:
             except ModelStoreError as exc:
                 log.error("model_load_failed", version=version, error=str(exc), serving=None)
                 break
-            what = f"CURRENT names {wanted}, which does not load" if wanted else "CURRENT cannot be used"
-            self._model_problem = f"{what} ({first}); serving {version}"
+            self._model_problem = _not_served(wanted, first, version)
             log.error(
                 "model_fallback",
                 current=named,
@@ -950,15 +949,13 @@ class Service:
         known = self._bad_versions.get(wanted)
         if not forced and known is not None and known[0] == fingerprint:
             # CURRENT back on a version that failed, its files unchanged: still degraded
-            self._model_problem = (
-                f"CURRENT names {wanted}, which does not load ({known[1]}); serving {serving}"
-            )
+            self._model_problem = _not_served(wanted, known[1], serving)
             return
         try:
             new = self._load_version(wanted)
         except ModelStoreError as exc:
             self._bad_versions[wanted] = (fingerprint, str(exc))
-            self._model_problem = f"CURRENT names {wanted}, which does not load ({exc}); serving {serving}"
+            self._model_problem = _not_served(wanted, exc, serving)
             log.error(
                 "model_load_failed",
                 version=wanted,
@@ -1371,3 +1368,9 @@ def _fingerprint(folder: Path) -> tuple[Any, ...]:
             continue
         out.append((path.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
     return tuple(out)
+
+
+def _not_served(wanted: str | None, why: object, serving: str) -> str:
+    """``status``'s DEGRADED reason: CURRENT's version (None: CURRENT itself) cannot serve."""
+    what = f"CURRENT names {wanted}, which does not load" if wanted else "CURRENT cannot be used"
+    return f"{what} ({why}); serving {serving}"
